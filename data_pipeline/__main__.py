@@ -1,0 +1,38 @@
+"""Data pipeline command line.
+
+    python -m data_pipeline prepare  --config configs/data/ml100k.yaml [key=value ...]
+    python -m data_pipeline generate --config configs/data/synthetic.yaml [key=value ...]
+    python -m data_pipeline download ml-100k --dest data/raw
+
+``prepare`` runs on an embedded local Ray by default; ``ray.address=auto`` (or an address) joins a
+running cluster. See docs/data_format.md for what it writes.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from cluster.log import setup_logging
+
+COMMANDS = {
+    "prepare": "data_pipeline.prepare",
+    "generate": "data_pipeline.synthetic",
+    "download": "data_pipeline.download",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        print(f"commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    setup_logging()
+    import importlib
+
+    module = importlib.import_module(COMMANDS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
