@@ -1,0 +1,168 @@
+"""The trainer's configuration: one typed tree, loaded from ``configs/*.yaml`` plus overrides.
+
+    cfg = load_train_config("configs/hstu_ml1m.yaml", ["optim.lr=3e-4", "zero.stage=2"])
+
+The DeepSpeed JSON (``train/zero.py``) and the TorchRec planner constraints (``train/embeddings.py``)
+are generated from this tree; nothing is kept by hand in parallel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from cluster.config import ConfigError, load_config
+from train.models.config import ModelConfig
+from train.tracking import TrackingConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the prepared shards are (the output of ``python -m data_pipeline prepare``)."""
+
+    dir: str = "runs/demo/data"
+    batch_size: int = 128  # rows per step, global across ranks (each rank takes batch_size / world_size)
+    eval_batch_size: int = 256  # rows per eval step, global
+    num_workers: int = 0  # DataLoader worker processes per rank
+    shuffle: bool = True
+
+    def validate(self) -> None:
+        for key in ("batch_size", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}", f"got {getattr(self, key)}, expected an integer >= 1")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers", f"got {self.num_workers}, expected >= 0")
+
+
+@dataclass
+class EmbeddingTableConfig:
+    """The item embedding table: a TorchRec ``EmbeddingCollection`` sharded by ``DistributedModelParallel``."""
+
+    # data_parallel is not offered: its gradients would be reduced by a DDP wrapper, while this
+    # trainer reduces dense gradients once, in DeepSpeed.
+    sharding_type: Literal["row_wise", "table_wise", "column_wise", "table_row_wise"] = "row_wise"
+    compute_kernel: Literal["fused", "fused_uvm", "fused_uvm_caching"] = "fused"
+    # Fused in backward by fbgemm. fbgemm's CPU kernels support rowwise_adagrad, adagrad and sgd;
+    # adam is CUDA only.
+    optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    lr: float = 0.05
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    init_std: float = 0.02
+    # Planner topology: memory per device in GiB (None: ask the device; CPU uses the host's memory).
+    memory_cap_gib: float | None = None
+    # Column-wise shards are at least this wide (None: the planner's default).
+    min_partition: int | None = None
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("embeddings.lr", f"got {self.lr}, expected > 0")
+
+
+@dataclass
+class LossConfig:
+    """Sampled softmax over L2-normalised embeddings."""
+
+    # per_position: num_negatives fresh uniform negatives for every position (the HSTU reference);
+    # shared: num_negatives uniform negatives shared by the whole global batch (much faster);
+    # in_batch: the other positions' targets are the negatives.
+    negatives: Literal["per_position", "shared", "in_batch"] = "shared"
+    num_negatives: int = 512
+    temperature: float = 0.05
+
+    def validate(self) -> None:
+        if self.num_negatives < 1 and self.negatives != "in_batch":
+            raise ConfigError("loss.num_negatives", f"got {self.num_negatives}, expected >= 1")
+        if self.temperature <= 0:
+            raise ConfigError("loss.temperature", f"got {self.temperature}, expected > 0")
+
+
+@dataclass
+class OptimConfig:
+    """Dense optimizer (AdamW inside DeepSpeed) and its schedule."""
+
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    decay: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0  # 0 disables clipping
+    grad_accum_steps: int = 1  # dense only: sparse tables are updated in every backward
+
+    def validate(self) -> None:
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("optim.betas", f"got {self.betas}, expected two numbers in [0, 1)")
+        if self.lr <= 0:
+            raise ConfigError("optim.lr", f"got {self.lr}, expected > 0")
+        if self.grad_accum_steps < 1:
+            raise ConfigError("optim.grad_accum_steps", f"got {self.grad_accum_steps}, expected >= 1")
+
+
+@dataclass
+class ZeroConfig:
+    """DeepSpeed ZeRO for the dense model."""
+
+    stage: int = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False  # stage 3 only
+    # auto: bf16 on CUDA devices that support it, fp32 elsewhere.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    def validate(self) -> None:
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError("zero.stage", f"got {self.stage}, allowed values: 0, 1, 2, 3")
+        if self.offload_params and self.stage != 3:
+            raise ConfigError("zero.offload_params", "parameter offload needs zero.stage=3")
+        if self.offload_optimizer and self.stage == 0:
+            raise ConfigError("zero.offload_optimizer", "optimizer offload needs zero.stage >= 1")
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval over all items, the user's history excluded."""
+
+    every_epochs: int = 1
+    metric: str = "ndcg@10"  # early stopping and best checkpoint
+    patience: int = 0  # evaluations without improvement before stopping; 0 disables early stopping
+    top_k: int = 200  # items written per user to test_predictions.parquet
+
+
+@dataclass
+class RunConfig:
+    """The loop: how long, where outputs go, how often to log and checkpoint."""
+
+    output_dir: str = "runs/demo/train"
+    epochs: int = 10
+    max_steps: int = 0  # stop after this many optimizer steps in total (0: no limit); a later run resumes
+    seed: int = 42
+    log_every_steps: int = 20
+    checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (latest in output_dir if any), never, or a checkpoint directory
+    progress_bar: Literal["auto", "on", "off"] = "auto"
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("run.epochs", f"got {self.epochs}, expected >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Everything the trainer needs; see configs/*.yaml for annotated examples."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    embeddings: EmbeddingTableConfig = field(default_factory=EmbeddingTableConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_train_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """YAML file (optional) + ``key.sub=value`` overrides -> validated ``TrainConfig``."""
+    return load_config(TrainConfig, path, overrides)

@@ -1,0 +1,505 @@
+"""The training loop: sharded item table (TorchRec) + dense encoder (DeepSpeed) + eval + checkpoints.
+
+A ``Trainer`` owns the pieces and has a handful of methods: ``train_step``, ``train``, ``evaluate``,
+``state_dict`` / ``load_state_dict`` (via ``train/checkpoint.py``) and ``close``.
+
+Gradient bookkeeping (the one subtle part). Each rank's loss is ``sum of its position losses *
+world_size / global positions``: DeepSpeed averages dense gradients over ranks, which turns that into
+the mean over all positions of the global batch. TorchRec *sums* the table gradients arriving from
+every rank, so the lookups pass through ``_ScaleGrad(grad_accum / world_size)`` to get the same mean
+(and undo DeepSpeed's 1/grad_accum). Hence one global objective whatever the world size, which
+the sharded-vs-single-process test checks.
+
+Randomness (negatives, dropout) is a function of (seed, step, rank), so a resumed run draws exactly
+what the uninterrupted run would have drawn.
+
+Shapes: T = tokens in the batch (jagged), B = rows, D = embedding dim, K = negatives, I = items + 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from cluster.config import flatten, save_config, to_dict
+from train import checkpoint as ckpt
+from train.batch import SequenceBatch
+from train.config import TrainConfig
+from train.distributed import DistInfo, all_reduce_sum
+from train.embeddings import build_item_table, gather_full_table, lookup
+from train.metrics import RetrievalMetrics, rank_of_targets, topk_items
+from train.models import build_encoder, in_batch_softmax_loss, sample_negatives, sampled_softmax_loss
+from train.reader import SequenceDataset, load_manifest
+from train.tracking import default_tags, make_tracker
+from train.zero import build_engine, deepspeed_config
+
+logger = logging.getLogger(__name__)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; multiplies the gradient by ``scale`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad * ctx.scale, None
+
+
+def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool):
+    """Cut stored rows into model inputs and targets (docs/data_format.md).
+
+    Rows are first cut to their most recent ``max_seq_len + 1`` items. Inputs are each row without
+    its last item; targets are each row without its first (``last_only``: only the last item, for
+    eval). Rows with fewer than 2 items are dropped. Returns (input_ids_T, input_offsets_B1,
+    input_ts_T or None, target_ids, row_mask_B).
+    """
+    lengths = batch.lengths
+    keep_rows = lengths >= 2
+    row_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    pos = torch.arange(len(batch.item_ids)) - batch.offsets[:-1][row_of]
+    cut = torch.clamp(lengths - (max_seq_len + 1), min=0)
+    keep = (pos >= cut[row_of]) & keep_rows[row_of]
+    last = pos == (lengths - 1)[row_of]
+    first = pos == cut[row_of]
+    in_mask = keep & ~last
+    input_ids = batch.item_ids[in_mask]
+    in_lengths = (torch.minimum(lengths, torch.full_like(lengths, max_seq_len + 1)) - 1).clamp(min=0)
+    in_lengths = in_lengths[keep_rows]
+    offsets = torch.zeros(len(in_lengths) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(in_lengths, 0)
+    ts = batch.timestamps[in_mask] if batch.timestamps is not None else None
+    targets = batch.item_ids[keep & last] if last_only else batch.item_ids[keep & ~first]
+    return input_ids, offsets, ts, targets, keep_rows
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Trainer:
+    """Builds everything from a ``TrainConfig`` on an initialised process group."""
+
+    def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.cfg, self.info = cfg, info
+        self.device = info.device
+        self.output_dir = Path(cfg.run.output_dir)
+        self.manifest = load_manifest(cfg.data.dir)
+        self.num_items = int(self.manifest["num_items"])
+        self.has_timestamps = bool(self.manifest.get("has_timestamps", False))
+        if cfg.model.name == "hstu" and cfg.model.use_time_bias and not self.has_timestamps:
+            logger.warning(
+                "%s has no timestamps: HSTU's relative attention bias uses positions only", cfg.data.dir
+            )
+        for key in ("batch_size", "eval_batch_size"):
+            if getattr(cfg.data, key) % info.world_size:
+                raise ValueError(
+                    f"data.{key}={getattr(cfg.data, key)} is the global batch; it must be divisible by the "
+                    f"world size {info.world_size}"
+                )
+        self.max_seq_len = cfg.model.max_seq_len
+
+        self.table = build_item_table(cfg.embeddings, self.num_items, cfg.model.embedding_dim, self.device, cfg.run.seed)
+        torch.manual_seed(cfg.run.seed)  # identical dense init on every rank
+        encoder = build_encoder(cfg.model).to(self.device)
+
+        self.train_data = SequenceDataset(
+            cfg.data.dir, "train", cfg.data.batch_size // info.world_size, rank=info.rank,
+            world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
+            seed=cfg.run.seed,
+        )  # fmt: skip
+        local_batches = self.train_data.num_batches_for_rank()
+        self.steps_per_epoch = int(self._all_reduce(torch.tensor([local_batches]), dist.ReduceOp.MIN).item())
+        total_steps = cfg.run.epochs * self.steps_per_epoch // cfg.optim.grad_accum_steps
+        self.ds_config = deepspeed_config(cfg, info.world_size, self.device)
+        self.engine = build_engine(encoder, cfg, self.ds_config, total_steps)
+        self.dense_dtype = next(self.engine.module.parameters()).dtype
+
+        self.step = 0  # micro-steps (batches) done in total
+        self.epoch = 0
+        self.batches_in_epoch = 0
+        self.best_metric = -math.inf
+        self.best_step = -1
+        self.evals_without_improvement = 0
+        self.history: list[dict] = []
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints", cfg.run.keep_checkpoints)
+        default_uri = f"sqlite:///{self.output_dir.resolve().parent / 'mlflow.db'}"
+        self.tracker = make_tracker(cfg.tracking, rank=info.rank, run_dir=self.output_dir, default_uri=default_uri)
+
+    # ------------------------------------------------------------------------------------ helpers
+
+    def _all_reduce(self, t: Tensor, op=dist.ReduceOp.SUM) -> Tensor:
+        t = t.to(self.device)
+        dist.all_reduce(t, op=op)
+        return t.cpu()
+
+    def _seed_step(self, step: int) -> None:
+        torch.manual_seed(self.cfg.run.seed * 1_000_003 + step * 1009 + self.info.rank)
+
+    def describe(self) -> dict:
+        """What is written to the run directory and MLflow at the start."""
+        return {
+            "sharding_plan": self.table.plan_text(),
+            "deepspeed_config": self.ds_config,
+            "num_items": self.num_items,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.info.world_size,
+            "num_dense_params": sum(p.numel() for p in self.engine.module.parameters()),
+        }
+
+    # ------------------------------------------------------------------------------------- train
+
+    def train_step(self, batch: SequenceBatch, num_global_positions: int) -> dict:
+        """One forward/backward/step on this rank's batch; the loss is the global-batch mean."""
+        cfg, world = self.cfg, self.info.world_size
+        input_ids, offsets, ts, targets, _ = split_inputs_targets(batch, self.max_seq_len, last_only=False)
+        in_lengths = offsets[1:] - offsets[:-1]
+        num_rows = len(in_lengths)
+        features = {"seq": (input_ids, in_lengths), "tgt": (targets, in_lengths)}
+        gen = torch.Generator()
+        neg_ids = None
+        if cfg.loss.negatives == "shared":  # same draw on every rank: one global set per step
+            gen.manual_seed(cfg.run.seed * 7919 + self.step)
+            neg_ids = sample_negatives(self.num_items, (cfg.loss.num_negatives,), gen)
+            neg_lengths = torch.zeros(num_rows, dtype=torch.long)
+            neg_lengths[0] = len(neg_ids)
+            features["neg"] = (neg_ids, neg_lengths)
+        elif cfg.loss.negatives == "per_position":
+            gen.manual_seed(cfg.run.seed * 7919 + self.step * 1009 + self.info.rank)
+            neg_ids = sample_negatives(self.num_items, (len(targets), cfg.loss.num_negatives), gen)
+            features["neg"] = (neg_ids.reshape(-1), in_lengths * cfg.loss.num_negatives)
+        self._seed_step(self.step)
+        emb = lookup(self.table, features, self.device)
+        sparse_scale = cfg.optim.grad_accum_steps / world
+        if self.ds_config["fp16"]["enabled"]:
+            sparse_scale /= float(getattr(self.engine.optimizer, "cur_scale", 1.0))
+        emb = {k: _ScaleGrad.apply(v, sparse_scale) for k, v in emb.items()}
+
+        seq_emb = emb["seq"].to(self.dense_dtype)
+        max_len = int(in_lengths.max().item()) if num_rows else 0
+        query = self.engine(seq_emb, offsets.to(self.device), max_len, None if ts is None else ts.to(self.device))
+        query = query.float()
+        targets_d = targets.to(self.device)
+        if cfg.loss.negatives == "in_batch":
+            loss_sum, num = in_batch_softmax_loss(query, emb["tgt"], targets_d, cfg.loss.temperature)
+        else:
+            neg_emb = emb["neg"]
+            if cfg.loss.negatives == "per_position":
+                neg_emb = neg_emb.view(len(targets), cfg.loss.num_negatives, -1)
+            loss_sum, num = sampled_softmax_loss(
+                query, emb["tgt"], targets_d, neg_emb, neg_ids.to(self.device), cfg.loss.temperature
+            )
+        loss = loss_sum * (world / max(1, num_global_positions))
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"loss_sum": float(loss_sum.detach()), "positions": int(num)}
+
+    def _make_progress(self, total: int):
+        mode = self.cfg.run.progress_bar
+        show = self.info.is_main and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
+        if not show:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=self.batches_in_epoch, desc=f"epoch {self.epoch}", dynamic_ncols=True)
+
+    def train(self) -> dict:
+        """Run epochs from the current state; evaluate, checkpoint, early-stop; test with the best checkpoint."""
+        cfg = self.cfg
+        info = self.describe()
+        if self.info.is_main:
+            (self.output_dir / "sharding_plan.txt").write_text(info["sharding_plan"] + "\n")
+            (self.output_dir / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2))
+            save_config(cfg, self.output_dir / "config.yaml")
+        logger.info("sharding plan:\n%s", info["sharding_plan"])
+        logger.info(
+            "%d items, %d dense params, %d steps/epoch, world size %d, negatives=%s(%d)",
+            self.num_items, info["num_dense_params"], self.steps_per_epoch, self.info.world_size,
+            cfg.loss.negatives, cfg.loss.num_negatives,
+        )  # fmt: skip
+        if self.step == 0:
+            self.tracker.log_params(flatten(to_dict(cfg)))
+        self.tracker.set_tags(default_tags(self.info.world_size))
+        for name in ("config.yaml", "deepspeed_config.json", "sharding_plan.txt"):
+            self.tracker.log_artifact(self.output_dir / name)
+
+        stopped_early = False
+        max_steps = cfg.run.max_steps
+        while self.epoch < cfg.run.epochs and not stopped_early:
+            self.train_data.set_epoch(self.epoch)
+            if self.batches_in_epoch:
+                self.train_data.load_state_dict({"epoch": self.epoch, "batches_consumed": self.batches_in_epoch})
+            loader = iter(self.train_data.loader())
+            bar = self._make_progress(self.steps_per_epoch)
+            window_loss, window_pos, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+            while True:
+                if max_steps and self.step >= max_steps:
+                    break
+                batch = next(loader, None)
+                n_local = int((batch.lengths.clamp(max=self.max_seq_len + 1) - 1).clamp(min=0).sum()) if batch else 0
+                has, n_global = all_reduce_sum([1.0 if batch is not None else 0.0, float(n_local)], self.device)
+                if has < self.info.world_size:  # some rank is out of data: the epoch ends for all
+                    break
+                out = self.train_step(batch, int(n_global))
+                self.step += 1
+                self.batches_in_epoch += 1
+                window_loss += out["loss_sum"]
+                window_pos += out["positions"]
+                window_tokens += int(batch.lengths.sum())
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{out['loss_sum'] / max(1, out['positions']):.4f}")
+                if self.step % cfg.run.log_every_steps == 0:
+                    self._log_train_window(window_loss, window_pos, window_tokens, time.perf_counter() - window_t0)
+                    window_loss, window_pos, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+                if cfg.run.checkpoint_every_steps and self.step % cfg.run.checkpoint_every_steps == 0:
+                    self.save_checkpoint()
+            if bar is not None:
+                bar.close()
+            if max_steps and self.step >= max_steps and self.batches_in_epoch < self.steps_per_epoch:
+                self.save_checkpoint()
+                logger.info("stopping at run.max_steps=%d (mid-epoch); resume=auto continues", max_steps)
+                return {}
+            self.epoch += 1
+            self.batches_in_epoch = 0
+            if self.epoch % cfg.eval.every_epochs == 0 or self.epoch == cfg.run.epochs:
+                stopped_early = self._validate()
+            self.save_checkpoint()
+            if max_steps and self.step >= max_steps:
+                logger.info("stopping at run.max_steps=%d; resume=auto continues", max_steps)
+                return {}
+        return self.finish()
+
+    def _log_train_window(self, loss_sum: float, positions: int, tokens: int, seconds: float) -> None:
+        loss_sum, positions, tokens = all_reduce_sum([loss_sum, positions, tokens], self.device)
+        metrics = {
+            "train/loss": loss_sum / max(1.0, positions),
+            "train/lr": self.engine.get_lr()[0],
+            "train/tokens_per_s": tokens / max(seconds, 1e-9),
+            "train/peak_memory_mib": peak_memory_mib(self.device),
+            "train/epoch": self.epoch + self.batches_in_epoch / max(1, self.steps_per_epoch),
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        self._record(metrics)
+        logger.info(
+            "step %d | epoch %.2f | loss %.4f | lr %.2e | grad_norm %s | %.0f tokens/s | peak %.0f MiB",
+            self.step, metrics["train/epoch"], metrics["train/loss"], metrics["train/lr"],
+            f"{metrics['train/grad_norm']:.3f}" if "train/grad_norm" in metrics else "n/a",
+            metrics["train/tokens_per_s"], metrics["train/peak_memory_mib"],
+        )  # fmt: skip
+
+    def _record(self, metrics: dict) -> None:
+        """Log to MLflow and append to ``<output_dir>/metrics.jsonl`` (rank 0), one JSON line per call."""
+        self.tracker.log_metrics(metrics, step=self.step)
+        self.history.append({"step": self.step, **metrics})
+        if self.info.is_main:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+
+    def _validate(self) -> bool:
+        """Evaluate on valid; track the best; return True when early stopping triggers."""
+        metrics = self.evaluate("valid")
+        self._record({f"valid/{k}": v for k, v in metrics.items()})
+        logger.info("epoch %d valid: %s", self.epoch, _fmt(metrics))
+        value = metrics[self.cfg.eval.metric]
+        if value > self.best_metric:
+            self.best_metric, self.best_step, self.evals_without_improvement = value, self.step, 0
+        else:
+            self.evals_without_improvement += 1
+        patience = self.cfg.eval.patience
+        if patience and self.evals_without_improvement >= patience:
+            logger.info("early stopping: %s has not improved for %d evaluations", self.cfg.eval.metric, patience)
+            return True
+        return False
+
+    # -------------------------------------------------------------------------------------- eval
+
+    def _eval_encoder(self) -> torch.nn.Module:
+        """A plain (hook-free) copy of the dense encoder with full parameters, in eval mode.
+
+        Under ZeRO-3 the engine's parameters are partitioned and its forward is a collective; a
+        local replica lets every rank evaluate its own users without matching the others call for call.
+        """
+        replica = build_encoder(self.cfg.model).to(self.device)
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.zero.stage == 3):
+            replica.load_state_dict({k: v.detach().float() for k, v in self.engine.module.state_dict().items()})
+        return replica.eval()
+
+    @torch.no_grad()
+    def evaluate(self, split: str, predictions_path: Path | None = None) -> dict:
+        """Retrieval over all items (history excluded) for every user of ``split``, over all ranks."""
+        table_ID = F.normalize(gather_full_table(self.table, self.device).float(), dim=-1)
+        encoder = self._eval_encoder()
+        data = SequenceDataset(
+            self.cfg.data.dir, split, self.cfg.data.eval_batch_size // self.info.world_size,
+            rank=self.info.rank, world_size=self.info.world_size, shuffle=False, seed=self.cfg.run.seed,
+        )  # fmt: skip
+        metrics = RetrievalMetrics()
+        rows = []
+        for batch in data:
+            input_ids, offsets, ts, targets, keep_rows = split_inputs_targets(batch, self.max_seq_len, last_only=True)
+            if len(targets) == 0:
+                continue
+            input_ids_d, offsets_d = input_ids.to(self.device), offsets.to(self.device)
+            max_len = int((offsets[1:] - offsets[:-1]).max())
+            query_TD = encoder(table_ID[input_ids_d], offsets_d, max_len, None if ts is None else ts.to(self.device))
+            query_BD = query_TD[offsets_d[1:] - 1]
+            scores_BI = query_BD @ table_ID.T
+            targets_d = targets.to(self.device)
+            metrics.update(rank_of_targets(scores_BI, targets_d, input_ids_d, offsets_d))
+            if predictions_path is not None:
+                top = topk_items(scores_BI, input_ids_d, offsets_d, k=min(self.cfg.eval.top_k, self.num_items))
+                rows.append((batch.user_ids[keep_rows].numpy(), targets.numpy(), top.cpu().numpy()))
+        result = metrics.compute()
+        if predictions_path is not None:
+            self._write_predictions(rows, predictions_path)
+        return result
+
+    def _write_predictions(self, rows: list, path: Path) -> None:
+        """Per test user: raw user id, raw target id, top-k raw item ids in rank order (rank 0 merges)."""
+        users = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, np.int64)
+        targets = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, np.int64)
+        k = self.cfg.eval.top_k
+        top = np.concatenate([r[2] for r in rows]) if rows else np.zeros((0, k), np.int64)
+        part = path.with_name(f".{path.stem}.rank{self.info.rank}.npz")
+        np.savez(part, users=users, targets=targets, top=top)
+        dist.barrier()
+        if self.info.is_main:
+            parts = [np.load(path.with_name(f".{path.stem}.rank{r}.npz")) for r in range(self.info.world_size)]
+            users = np.concatenate([p["users"] for p in parts])
+            targets = np.concatenate([p["targets"] for p in parts])
+            top = np.concatenate([p["top"] for p in parts])
+            order = np.argsort(users, kind="stable")
+            item_raw = _vocab(Path(self.cfg.data.dir) / "vocab" / "items.parquet")
+            user_raw = _vocab(Path(self.cfg.data.dir) / "vocab" / "users.parquet")
+            top = top[order]
+            table = pa.table(
+                {
+                    "user_id": pa.array(user_raw[users[order]]),
+                    "target_item_id": pa.array(item_raw[targets[order]]),
+                    "top_item_ids": pa.array(list(item_raw[top])),
+                }
+            )
+            tmp = path.with_suffix(".parquet.tmp")
+            pq.write_table(table, tmp)
+            os.replace(tmp, path)
+            for r in range(self.info.world_size):
+                path.with_name(f".{path.stem}.rank{r}.npz").unlink(missing_ok=True)
+        dist.barrier()
+
+    # ---------------------------------------------------------------------------- checkpointing
+
+    def trainer_state(self) -> dict:
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batches_in_epoch": self.batches_in_epoch,
+            "best_metric": self.best_metric,
+            "best_step": self.best_step,
+            "evals_without_improvement": self.evals_without_improvement,
+            "history": self.history,
+        }
+
+    def load_trainer_state(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def checkpoint_meta(self) -> dict:
+        m = self.cfg.model
+        return {
+            "model": m.name,
+            "embedding_dim": m.embedding_dim,
+            "num_blocks": m.num_blocks,
+            "num_heads": m.num_heads,
+            "num_items": self.num_items,
+            "world_size": self.info.world_size,
+            "zero_stage": self.cfg.zero.stage,
+        }
+
+    def save_checkpoint(self) -> None:
+        self.checkpoints.save(self.step, self.table, self.engine, self.trainer_state(), self.checkpoint_meta(),
+                              protect_step=self.best_step)  # fmt: skip
+
+    def maybe_resume(self) -> bool:
+        """Apply ``run.resume``: auto (latest in output_dir), never, or an explicit checkpoint path."""
+        resume = self.cfg.run.resume
+        if resume == "never":
+            return False
+        path = self.checkpoints.latest() if resume == "auto" else Path(resume)
+        if path is None:
+            return False
+        state = self.checkpoints.load(path, self.table, self.engine, self.checkpoint_meta())
+        self.load_trainer_state(state)
+        logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batches_in_epoch)
+        return True
+
+    # ------------------------------------------------------------------------------------ finish
+
+    def finish(self) -> dict:
+        """Test with the best checkpoint, write final_metrics.json + predictions, log to MLflow."""
+        best = self.checkpoints.path_for(self.best_step) if self.best_step >= 0 else None
+        if best is not None and best.exists() and self.best_step != self.step:
+            logger.info("loading the best checkpoint (step %d, valid %s=%.4f) for test", self.best_step,
+                        self.cfg.eval.metric, self.best_metric)  # fmt: skip
+            self.checkpoints.load(best, self.table, self.engine, self.checkpoint_meta(), dense_module_only=True)
+        valid = self.evaluate("valid")
+        test = self.evaluate("test", predictions_path=self.output_dir / "test_predictions.parquet")
+        final = {
+            "test": test,
+            "valid": valid,
+            "best_step": self.best_step,
+            "steps": self.step,
+            "epochs": self.epoch,
+            "loss": {"negatives": self.cfg.loss.negatives, "num_negatives": self.cfg.loss.num_negatives},
+        }
+        logger.info("test: %s", _fmt(test))
+        if self.info.is_main:
+            path = self.output_dir / "final_metrics.json"
+            path.write_text(json.dumps(final, indent=2))
+            self.tracker.log_metrics({f"test/{k}": v for k, v in test.items()}, step=self.step)
+            self.tracker.log_artifact(path)
+            self.tracker.log_artifact(self.output_dir / "test_predictions.parquet")
+            self.tracker.log_figure_of_history()
+        return final
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.tracker.finish(status)
+
+
+def _vocab(path: Path) -> np.ndarray:
+    """Dense id -> raw id (index 0 = padding, as an empty string)."""
+    t = pq.read_table(path, columns=["raw_id", "dense_id"])
+    dense = t.column("dense_id").to_numpy()
+    out = np.empty(int(dense.max()) + 1, dtype=object)
+    out[0] = ""
+    out[dense] = np.array(t.column("raw_id").to_pylist(), dtype=object)
+    return out
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items())

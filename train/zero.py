@@ -1,0 +1,92 @@
+"""The dense side: the sequence encoder inside a DeepSpeed engine (ZeRO stage 0-3).
+
+``deepspeed_config(cfg)`` generates DeepSpeed's JSON from our config (it is written to the run
+directory and to MLflow); ``build_engine`` wraps the encoder. The LR schedule (linear warmup, then
+constant, cosine or linear decay) is a plain ``LambdaLR`` handed to DeepSpeed, so it is checkpointed
+with the engine.
+"""
+
+from __future__ import annotations
+
+import math
+
+import deepspeed
+import torch
+from torch import nn
+
+from train.config import TrainConfig
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA devices that support it, else fp32."""
+    if cfg.zero.precision != "auto":
+        return cfg.zero.precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict:
+    """DeepSpeed JSON for the dense encoder, derived from ``cfg`` only."""
+    precision = resolve_precision(cfg, device)
+    zero: dict = {"stage": cfg.zero.stage}
+    if cfg.zero.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    if cfg.zero.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device.type == "cuda"}
+    micro_batch = max(1, cfg.data.batch_size // world_size)
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": cfg.optim.grad_accum_steps,
+        "train_batch_size": micro_batch * world_size * cfg.optim.grad_accum_steps,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+                # torch's AdamW: no compiled DeepSpeed op needed, same maths on CPU and GPU.
+                "torch_adam": True,
+                "adam_w_mode": True,
+            },
+        },
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Multiplier of the base LR at optimizer step ``s``: linear warmup, then the configured decay."""
+    warmup, decay, floor = cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr_ratio
+
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if decay == "constant" or total_steps <= warmup:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if decay == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+
+    return fn
+
+
+def build_engine(encoder: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps: int):
+    """Wrap ``encoder`` in a DeepSpeed engine; returns the engine (its optimizer and scheduler inside)."""
+    schedule = lr_lambda(cfg, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=encoder,
+        model_parameters=[p for p in encoder.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+        dist_init_required=False,
+    )
+    return engine
