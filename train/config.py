@@ -25,6 +25,11 @@ class DataConfig:
     eval_batch_size: int = 256  # rows per eval step, global
     num_workers: int = 0  # DataLoader worker processes per rank
     shuffle: bool = True
+    # How rows are dealt to ranks (see train/reader.py): rows = contiguous balanced ranges (reads
+    # ~1/world of the data per rank); strided = row i of each global batch goes to rank i % world, so
+    # global batches are the same whatever the world size (every rank reads all row groups);
+    # row_groups = whole row groups per rank (unbalanced; only for many row groups).
+    partition: Literal["rows", "strided", "row_groups"] = "rows"
 
     def validate(self) -> None:
         for key in ("batch_size", "eval_batch_size"):

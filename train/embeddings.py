@@ -43,7 +43,8 @@ class ShardedItemTable:
     module: DistributedModelParallel
     plan: ShardingPlan
     num_embeddings: int
-    embedding_dim: int
+    embedding_dim: int  # what the model sees
+    table_dim: int  # stored width: fbgemm needs a multiple of 4 (e.g. the paper's 50 is stored as 52)
 
     def plan_text(self) -> str:
         return str(self.plan)
@@ -69,10 +70,11 @@ def build_item_table(
 ) -> ShardedItemTable:
     """Plan, shard and initialise the item table (``num_items + 1`` rows: row 0 is padding)."""
     num_embeddings = num_items + 1
+    table_dim = -(-embedding_dim // 4) * 4
     ec = EmbeddingCollection(
         tables=[
             EmbeddingConfig(
-                name=TABLE, embedding_dim=embedding_dim, num_embeddings=num_embeddings, feature_names=FEATURES
+                name=TABLE, embedding_dim=table_dim, num_embeddings=num_embeddings, feature_names=FEATURES
             )
         ],
         device=torch.device("meta"),
@@ -102,7 +104,7 @@ def build_item_table(
     module = DistributedModelParallel(
         ec, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=[sharder], device=device
     )
-    table = ShardedItemTable(module, plan, num_embeddings, embedding_dim)
+    table = ShardedItemTable(module, plan, num_embeddings, embedding_dim, table_dim)
     init_table_(table, cfg.init_std, seed)
     return table
 
@@ -116,7 +118,7 @@ def init_table_(table: ShardedItemTable, std: float, seed: int) -> None:
     initial table independent of the plan, which is what lets tests compare sharded with unsharded.
     """
     weight = table.module.state_dict()[WEIGHT_KEY]
-    dim = table.embedding_dim
+    dim = table.table_dim
     for shard in weight.local_shards():
         (row0, col0), (num_rows, num_cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
         first_chunk, last_chunk = row0 // _INIT_CHUNK_ROWS, (row0 + num_rows - 1) // _INIT_CHUNK_ROWS
@@ -132,7 +134,8 @@ def init_table_(table: ShardedItemTable, std: float, seed: int) -> None:
 def lookup(table: ShardedItemTable, features: dict[str, tuple[Tensor, Tensor]], device: torch.device) -> dict[str, Tensor]:
     """Embeddings for ``{feature: (ids, lengths)}``, features in ``FEATURES`` (missing ones are empty).
 
-    Every feature must have the same number of rows (the KJT's stride). This is a collective: every
+    Returns ``embedding_dim`` columns (the stored padding columns are cut off, so they get no
+    gradient). Every feature must have the same number of rows (the KJT's stride). This is a collective: every
     rank must call it the same number of times.
     """
     stride = len(next(iter(features.values()))[1])
@@ -144,7 +147,7 @@ def lookup(table: ShardedItemTable, features: dict[str, tuple[Tensor, Tensor]], 
         lengths.append(lens)
     kjt = KeyedJaggedTensor(keys=FEATURES, values=torch.cat(values), lengths=torch.cat(lengths)).to(device)
     out = table.module(kjt)
-    return {name: out[name].values() for name in features}
+    return {name: out[name].values()[:, : table.embedding_dim] for name in features}
 
 
 @torch.no_grad()

@@ -126,7 +126,7 @@ class Trainer:
         self.train_data = SequenceDataset(
             cfg.data.dir, "train", cfg.data.batch_size // info.world_size, rank=info.rank,
             world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
-            seed=cfg.run.seed,
+            seed=cfg.run.seed, partition=cfg.data.partition,
         )  # fmt: skip
         local_batches = self.train_data.num_batches_for_rank()
         self.steps_per_epoch = int(self._all_reduce(torch.tensor([local_batches]), dist.ReduceOp.MIN).item())
@@ -142,6 +142,7 @@ class Trainer:
         self.best_step = -1
         self.evals_without_improvement = 0
         self.history: list[dict] = []
+        self.last_grad_norm: float | None = None
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints", cfg.run.keep_checkpoints)
@@ -166,7 +167,8 @@ class Trainer:
             "num_items": self.num_items,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.info.world_size,
-            "num_dense_params": sum(p.numel() for p in self.engine.module.parameters()),
+            # ZeRO-3 partitions parameters; ds_numel is the full size.
+            "num_dense_params": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()),
         }
 
     # ------------------------------------------------------------------------------------- train
@@ -213,7 +215,15 @@ class Trainer:
             )
         loss = loss_sum * (world / max(1, num_global_positions))
         self.engine.backward(loss)
+        grad_norm = None
+        if self.cfg.zero.stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # DeepSpeed reports the global norm only when ZeRO or clipping computes it.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
         self.engine.step()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        self.last_grad_norm = None if grad_norm is None else float(grad_norm)
         return {"loss_sum": float(loss_sum.detach()), "positions": int(num)}
 
     def _make_progress(self, total: int):
@@ -301,9 +311,8 @@ class Trainer:
             "train/peak_memory_mib": peak_memory_mib(self.device),
             "train/epoch": self.epoch + self.batches_in_epoch / max(1, self.steps_per_epoch),
         }
-        grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None:
-            metrics["train/grad_norm"] = float(grad_norm)
+        if self.last_grad_norm is not None:
+            metrics["train/grad_norm"] = self.last_grad_norm
         self._record(metrics)
         logger.info(
             "step %d | epoch %.2f | loss %.4f | lr %.2e | grad_norm %s | %.0f tokens/s | peak %.0f MiB",

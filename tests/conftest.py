@@ -1,0 +1,119 @@
+"""Shared fixtures: the real data folder, a small prepared synthetic data set, and a trainer launcher.
+
+Trainer runs go through the real command line (``python -m train`` for one process,
+``torchrun --standalone --nproc-per-node 2 -m train`` for two), with gloo on CPU; runs with the
+same arguments are cached for the session so several tests can compare them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_data_dir(name: str) -> Path:
+    """``../shared/data/<name>``, or skip the test with the reason."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent (the licensed data sets live outside the repository; CI has them)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A small synthetic log run through the real Ray prepare job (once per session)."""
+    from cluster.config import load_config
+    from data_pipeline.config import PrepareConfig
+    from data_pipeline.prepare import prepare
+    from data_pipeline.synthetic import GenerateConfig, generate
+
+    base = tmp_path_factory.mktemp("synthetic")
+    log = generate(GenerateConfig(output_dir=str(base / "raw"), num_users=400, num_items=120, mean_seq_len=20,
+                                  num_topics=12, with_item_text=False, seed=3))  # fmt: skip
+    cfg = load_config(
+        PrepareConfig,
+        ROOT / "configs" / "data" / "synthetic.yaml",
+        [f"input.paths=[{log}]", "input.item_metadata=null", f"output.dir={base / 'prepared'}",
+         "max_seq_len=20", "output.row_group_size=64", "ray.num_cpus=2"],
+    )  # fmt: skip
+    prepare(cfg)
+    return base / "prepared"
+
+
+TINY_MODEL = [
+    "model.embedding_dim=32", "model.num_blocks=1", "model.attention_dim=16", "model.linear_dim=16",
+    "model.dropout=0.0", "model.max_seq_len=20", "loss.negatives=shared", "loss.num_negatives=64",
+    "data.batch_size=32", "data.eval_batch_size=64", "run.log_every_steps=1", "run.progress_bar=off",
+    "tracking.enabled=false",
+]  # fmt: skip
+
+
+class TrainRun:
+    """The outputs of one finished ``python -m train`` run."""
+
+    def __init__(self, output_dir: Path, proc: subprocess.CompletedProcess):
+        self.output_dir = output_dir
+        self.proc = proc
+
+    @property
+    def losses(self) -> dict[int, float]:
+        """step -> train loss (the last record wins, so a resumed run's re-logged steps replace old ones)."""
+        out = {}
+        for line in (self.output_dir / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            if "train/loss" in rec:
+                out[rec["step"]] = rec["train/loss"]
+        return out
+
+    @property
+    def final(self) -> dict:
+        return json.loads((self.output_dir / "final_metrics.json").read_text())
+
+
+def run_train(args: list[str], output_dir: Path, nproc: int = 1, check: bool = True, timeout: int = 600):
+    """Run the trainer's real command line; returns the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "train"]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "train",
+        ]
+    cmd += [*args, f"run.output_dir={output_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def train_runs(tmp_path_factory, synthetic_data):
+    """``train_runs(args, nproc)`` -> ``TrainRun``, cached per (args, nproc) for the session."""
+    cache: dict[tuple, TrainRun] = {}
+    base = tmp_path_factory.mktemp("train_runs")
+
+    def get(args: list[str], nproc: int = 1) -> TrainRun:
+        key = (tuple(args), nproc)
+        if key not in cache:
+            out = base / f"run{len(cache)}"
+            full = [f"data.dir={synthetic_data}", *TINY_MODEL, *args]
+            cache[key] = TrainRun(out, run_train(full, out, nproc))
+        return cache[key]
+
+    return get
