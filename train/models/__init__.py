@@ -1,0 +1,38 @@
+"""Dense sequence encoders (HSTU, SASRec) and the sampled softmax losses.
+
+The trainer owns the item embedding table; it looks up the input items' embeddings and calls
+
+    encoder = build_encoder(cfg.model)
+    query_TD = encoder(item_emb_TD, seq_offsets, max_seq_len, timestamps_T)   # L2-normalised, causal
+    loss_sum, num = sampled_softmax_loss(query_TD[sup], target_emb, target_ids, neg_emb, neg_ids, 0.05)
+"""
+
+from __future__ import annotations
+
+from train.models.config import ModelConfig
+from train.models.hstu import HSTU, time_buckets
+from train.models.jagged import SequenceEncoder
+from train.models.losses import in_batch_softmax_loss, sample_negatives, sampled_softmax_loss
+from train.models.sasrec import SASRec
+
+__all__ = [
+    "HSTU",
+    "ModelConfig",
+    "SASRec",
+    "SequenceEncoder",
+    "build_encoder",
+    "in_batch_softmax_loss",
+    "sample_negatives",
+    "sampled_softmax_loss",
+    "time_buckets",
+]
+
+
+def build_encoder(cfg: ModelConfig) -> SequenceEncoder:
+    """Validate ``cfg`` (``ConfigError`` on bad values) and build the encoder it names."""
+    cfg.validate()
+    if cfg.name == "hstu":
+        return HSTU(cfg)
+    if cfg.name == "sasrec":
+        return SASRec(cfg)
+    raise AssertionError(f"unhandled model name {cfg.name!r}")  # validate() admits only the two above
