@@ -60,6 +60,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(key, f"got {value!r}, expected " + " or ".join(_type_name(a) for a in args))
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
+            for word in (("on", "yes", "true") if value else ("off", "no", "false")):
+                if word in allowed:
+                    return word
         if value not in allowed:
             raise ConfigError(key, f"got {value!r}, allowed values: {', '.join(repr(a) for a in allowed)}")
         return value

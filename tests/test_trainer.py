@@ -28,10 +28,13 @@ def assert_same_losses(a: dict[int, float], b: dict[int, float], rtol: float = 2
 
 
 def test_sharded_equals_single_process(train_runs):
-    single = train_runs([*EXACT, "embeddings.sharding_type=table_wise"], nproc=1)
+    # Element-wise Adagrad: row-wise Adagrad keeps one accumulator per row *per column shard*, so
+    # under column_wise sharding it is a (slightly) different optimizer by construction.
+    exact = [*EXACT, "embeddings.optimizer=adagrad"]
+    single = train_runs([*exact, "embeddings.sharding_type=table_wise"], nproc=1)
     for sharding in ("row_wise", "table_wise", "column_wise"):
         extra = ["embeddings.min_partition=16"] if sharding == "column_wise" else []
-        sharded = train_runs([*EXACT, f"embeddings.sharding_type={sharding}", *extra], nproc=2)
+        sharded = train_runs([*exact, f"embeddings.sharding_type={sharding}", *extra], nproc=2)
         plan = (sharded.output_dir / "sharding_plan.txt").read_text()
         assert sharding in plan
         if sharding != "table_wise":  # row- and column-wise really split the table over both ranks

@@ -48,7 +48,8 @@ class EmbeddingTableConfig:
     sharding_type: Literal["row_wise", "table_wise", "column_wise", "table_row_wise"] = "row_wise"
     compute_kernel: Literal["fused", "fused_uvm", "fused_uvm_caching"] = "fused"
     # Fused in backward by fbgemm. fbgemm's CPU kernels support rowwise_adagrad, adagrad and sgd;
-    # adam is CUDA only.
+    # adam is CUDA only. Under column_wise sharding, rowwise_adagrad keeps one accumulator per row
+    # and column shard, so it differs slightly from the unsharded optimizer (adagrad and sgd do not).
     optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     lr: float = 0.05
     eps: float = 1e-8

@@ -45,7 +45,7 @@ def sample_negatives(
 
 
 def _cosine(query_ND: Tensor, items_NKD: Tensor, temperature: float) -> Tensor:
-    """``[N, K]`` logits ``query . normalize(item) / temperature``.
+    """``[N, K]`` logits ``query . normalize(item) / temperature`` for per-position items.
 
     Divides the dot products by the item norms instead of normalising ``[N, K, D]`` first: with 128
     negatives per position that tensor is the biggest in the step, and ``F.normalize`` plus its
@@ -98,13 +98,15 @@ def sampled_softmax_loss(
     else:
         raise ValueError(f"neg_emb: expected [N, K, D] or [K, D], got shape {tuple(neg_emb.shape)}")
 
-    pos_logits_N1 = _cosine(query, pos_emb.unsqueeze(1), temperature)
+    pos_norms_N1 = torch.linalg.vector_norm(pos_emb, dim=-1, keepdim=True).clamp_min(L2_NORM_EPS)
+    pos_logits_N1 = (query * pos_emb).sum(-1, keepdim=True) / (pos_norms_N1 * temperature)
     if neg_emb.dim() == 3:
         neg_logits_NK = _cosine(query, neg_emb, temperature)
         hits_NK = neg_ids == pos_ids[:, None]
     else:
-        norms_K = torch.linalg.vector_norm(neg_emb, dim=-1).clamp_min(L2_NORM_EPS)
-        neg_logits_NK = (query @ neg_emb.T) / (norms_K * temperature)
+        # Normalise and scale the K shared rows, not the [N, K] logits.
+        scaled_neg_KD = F.normalize(neg_emb, dim=-1, eps=L2_NORM_EPS) / temperature
+        neg_logits_NK = query @ scaled_neg_KD.T
         hits_NK = neg_ids[None, :] == pos_ids[:, None]
     neg_logits_NK = neg_logits_NK.masked_fill(hits_NK, float("-inf"))
     logits_N1K = torch.cat([pos_logits_N1, neg_logits_NK], dim=1)
@@ -122,12 +124,12 @@ def in_batch_softmax_loss(
     """
     _check_common(query, pos_emb, pos_ids, temperature)
     num_pos = query.shape[0]
-    pos_ND = F.normalize(pos_emb, dim=-1, eps=L2_NORM_EPS)
-    logits_NN = (query @ pos_ND.T) / temperature
+    scaled_pos_ND = F.normalize(pos_emb, dim=-1, eps=L2_NORM_EPS) / temperature
+    logits_NN = query @ scaled_pos_ND.T
     # Diagonal = own target (the positive); same-id entries off the diagonal are accidental hits.
-    same_NN = pos_ids[:, None] == pos_ids[None, :]
-    eye_NN = torch.eye(num_pos, dtype=torch.bool, device=query.device)
-    logits_NN = logits_NN.masked_fill(same_NN & ~eye_NN, float("-inf"))
+    hits_NN = pos_ids[:, None] == pos_ids[None, :]
+    hits_NN.fill_diagonal_(False)
+    logits_NN = logits_NN.masked_fill(hits_NN, float("-inf"))
     targets_N = torch.arange(num_pos, device=query.device)
     loss_sum = F.cross_entropy(logits_NN, targets_N, reduction="sum")
     return loss_sum, torch.tensor(num_pos, dtype=torch.int64, device=query.device)

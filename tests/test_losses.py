@@ -1,0 +1,147 @@
+"""Sampled / in-batch softmax losses against a brute-force per-row computation; negative sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.models.losses import in_batch_softmax_loss, sample_negatives, sampled_softmax_loss
+
+
+def unit(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def brute_force_loss(query, pos_emb, pos_ids, negatives, temperature):
+    """``negatives``: per row, a list of (id, embedding). Plain Python log-sum-exp per row."""
+    total = 0.0
+    for i in range(query.shape[0]):
+        q = query[i].tolist()
+
+        def logit(e, q=q):
+            e = unit(e).tolist()
+            return sum(a * b for a, b in zip(q, e)) / temperature
+
+        pos_logit = logit(pos_emb[i])
+        logits = [pos_logit] + [logit(e) for item, e in negatives[i] if item != int(pos_ids[i])]
+        top = max(logits)
+        total += -(pos_logit - top - math.log(sum(math.exp(z - top) for z in logits)))
+    return total
+
+
+def make_inputs(num_pos=6, num_neg=5, dim=4, num_items=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    query = unit(torch.randn(num_pos, dim, generator=gen, dtype=torch.float64))
+    # Item embeddings come from a small table so that equal ids have equal embeddings.
+    table = torch.randn(num_items + 1, dim, generator=gen, dtype=torch.float64) * 3
+    pos_ids = torch.randint(1, num_items + 1, (num_pos,), generator=gen)
+    return query, table, pos_ids, gen
+
+
+def test_per_position_negatives_match_brute_force_and_mask_hits():
+    query, table, pos_ids, gen = make_inputs()
+    neg_ids = torch.randint(1, 8, (6, 5), generator=gen)
+    neg_ids[0, 2] = pos_ids[0]  # make sure accidental hits are present
+    neg_ids[3, :2] = pos_ids[3]
+    loss, count = sampled_softmax_loss(
+        query, table[pos_ids], pos_ids, table[neg_ids], neg_ids, temperature=0.5
+    )
+    negatives = [[(int(n), table[n]) for n in row] for row in neg_ids]
+    expected = brute_force_loss(query, table[pos_ids], pos_ids, negatives, 0.5)
+    assert count.item() == 6 and count.dtype == torch.int64
+    assert loss.item() == pytest.approx(expected, rel=1e-10)
+    # Without masking, hits would count as negatives and the loss would differ.
+    unmasked = brute_force_loss(query, table[pos_ids], torch.zeros_like(pos_ids), negatives, 0.5)
+    assert abs(unmasked - expected) > 1e-3
+
+
+def test_shared_negatives_match_brute_force():
+    query, table, pos_ids, gen = make_inputs(num_pos=9)
+    neg_ids = torch.tensor([1, 2, 3, 4, 5, 6, 7, 2])
+    loss, count = sampled_softmax_loss(
+        query, table[pos_ids], pos_ids, table[neg_ids], neg_ids, temperature=0.05
+    )
+    negatives = [[(int(n), table[n]) for n in neg_ids]] * 9
+    assert count.item() == 9
+    assert loss.item() == pytest.approx(
+        brute_force_loss(query, table[pos_ids], pos_ids, negatives, 0.05), rel=1e-10
+    )
+    # Shared [K, D] negatives give the same loss as the same negatives repeated per position.
+    per_position, _ = sampled_softmax_loss(
+        query, table[pos_ids], pos_ids, table[neg_ids].expand(9, -1, -1), neg_ids.expand(9, -1), 0.05
+    )
+    torch.testing.assert_close(loss, per_position)
+
+
+def test_all_negatives_hit_gives_zero_loss_and_finite_gradients():
+    query, table, _, _ = make_inputs(num_pos=2)
+    pos_ids = torch.tensor([3, 3])
+    neg_ids = torch.tensor([[3, 3], [3, 3]])
+    emb = table.clone().requires_grad_(True)
+    q = query.clone().requires_grad_(True)
+    loss, _ = sampled_softmax_loss(q, emb[pos_ids], pos_ids, emb[neg_ids], neg_ids, temperature=0.1)
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+    assert torch.isfinite(emb.grad).all() and torch.isfinite(q.grad).all()
+
+
+def test_item_embeddings_are_normalised_inside():
+    query, table, pos_ids, gen = make_inputs()
+    neg_ids = torch.randint(1, 8, (6, 5), generator=gen)
+    a, _ = sampled_softmax_loss(query, table[pos_ids], pos_ids, table[neg_ids], neg_ids, 0.2)
+    b, _ = sampled_softmax_loss(query, 7 * table[pos_ids], pos_ids, 0.1 * table[neg_ids], neg_ids, 0.2)
+    torch.testing.assert_close(a, b)
+
+
+def test_gradient_matches_autograd_of_reference_formula():
+    query, table, pos_ids, gen = make_inputs()
+    neg_ids = torch.randint(1, 8, (5,), generator=gen)
+    q = query.clone().requires_grad_(True)
+    loss, _ = sampled_softmax_loss(q, table[pos_ids], pos_ids, table[neg_ids], neg_ids, 0.3)
+    (grad,) = torch.autograd.grad(loss, q)
+    # Reference: cross entropy over [positive, negatives] with hits removed by a large negative number.
+    logits = (
+        torch.cat([(q * unit(table[pos_ids])).sum(-1, keepdim=True), q @ unit(table[neg_ids]).T], 1) / 0.3
+    )
+    logits[:, 1:] = logits[:, 1:].masked_fill(neg_ids[None, :] == pos_ids[:, None], -1e9)
+    (grad_ref,) = torch.autograd.grad(
+        F.cross_entropy(logits, torch.zeros(6, dtype=torch.long), reduction="sum"), q
+    )
+    torch.testing.assert_close(grad, grad_ref)
+
+
+def test_in_batch_negatives_match_brute_force():
+    query, table, pos_ids, _ = make_inputs(num_pos=8, num_items=4)  # few items: many same-id pairs
+    assert len(set(pos_ids.tolist())) < 8
+    loss, count = in_batch_softmax_loss(query, table[pos_ids], pos_ids, temperature=0.1)
+    negatives = [[(int(pos_ids[j]), table[pos_ids[j]]) for j in range(8) if j != i] for i in range(8)]
+    assert count.item() == 8
+    assert loss.item() == pytest.approx(
+        brute_force_loss(query, table[pos_ids], pos_ids, negatives, 0.1), rel=1e-10
+    )
+
+
+def test_bad_shapes_and_temperature_raise_value_error():
+    query, table, pos_ids, _ = make_inputs()
+    with pytest.raises(ValueError, match="temperature"):
+        sampled_softmax_loss(query, table[pos_ids], pos_ids, table[:3], torch.arange(3), 0.0)
+    with pytest.raises(ValueError, match="neg_ids"):
+        sampled_softmax_loss(query, table[pos_ids], pos_ids, table[:3], torch.arange(4), 0.1)
+    with pytest.raises(ValueError, match="pos_emb"):
+        in_batch_softmax_loss(query, table[pos_ids][:, :2], pos_ids, 0.1)
+
+
+def test_sample_negatives_uniform_over_1_to_num_items():
+    ids = sample_negatives(5, (200, 50), torch.Generator().manual_seed(0))
+    assert ids.shape == (200, 50) and ids.dtype == torch.int64
+    counts = torch.bincount(ids.flatten(), minlength=6)
+    assert counts[0] == 0 and ids.max() == 5
+    # 2000 draws per id expected, standard deviation 40.
+    assert (counts[1:] - 2000).abs().max() < 200
+    again = sample_negatives(5, (200, 50), torch.Generator().manual_seed(0))
+    assert torch.equal(ids, again)
+    with pytest.raises(ValueError, match="num_items"):
+        sample_negatives(0, (3,))
