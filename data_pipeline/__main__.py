@@ -1,7 +1,7 @@
 """Data pipeline command line.
 
     python -m data_pipeline prepare  --config configs/data/ml100k.yaml [key=value ...]
-    python -m data_pipeline generate --config configs/data/synthetic.yaml [key=value ...]
+    python -m data_pipeline generate [num_users=... output_dir=... key=value ...]
     python -m data_pipeline download ml-100k --dest data/raw
 
 ``prepare`` runs on an embedded local Ray by default; ``ray.address=auto`` (or an address) joins a

@@ -42,7 +42,7 @@ from train.batch import SequenceBatch
 from train.config import TrainConfig
 from train.distributed import DistInfo, all_reduce_sum
 from train.embeddings import build_item_table, gather_full_table, lookup
-from train.metrics import RetrievalMetrics, rank_of_targets, topk_items
+from train.metrics import RetrievalMetrics, evaluate_popularity, rank_of_targets, topk_items
 from train.models import build_encoder, in_batch_softmax_loss, sample_negatives, sampled_softmax_loss
 from train.reader import SequenceDataset, load_manifest
 from train.tracking import default_tags, make_tracker
@@ -488,6 +488,9 @@ class Trainer:
         }
         logger.info("test: %s", _fmt(test))
         if self.info.is_main:
+            # The reference point every number should be read against (counts from the train split).
+            final["popularity_test"] = evaluate_popularity(self.cfg.data.dir, "test")
+            logger.info("popularity baseline, test: %s", _fmt(final["popularity_test"]))
             path = self.output_dir / "final_metrics.json"
             path.write_text(json.dumps(final, indent=2))
             self.tracker.log_metrics({f"test/{k}": v for k, v in test.items()}, step=self.step)

@@ -1,0 +1,281 @@
+"""Benchmark ``data_pipeline.prepare`` (Ray) against a single-process DuckDB reference.
+
+    python benchmarks/prepare_bench.py                                  # 1M and 10M events
+    python benchmarks/prepare_bench.py --sizes 1000000 --tools prepare duckdb --num-cpus 2
+
+For each size it generates a synthetic log (cached under ``<work-dir>/logs``), then runs every tool
+in its own subprocess on the same CSV and the same machine, one after the other: ``prepare`` (embedded
+local Ray, ``ray.num_cpus=--num-cpus``) and ``duckdb`` (benchmarks/prepare_reference.py, the same
+transform in DuckDB with ``--num-cpus`` threads). Memory is sampled every ``--sample-interval`` s over
+the whole process tree of the subprocess (Ray's GCS, raylet and workers included): the peak of the
+summed PSS (shared pages such as Ray's object store counted once) and of the summed RSS. Wall time is
+that of the subprocess (interpreter start, Ray start-up and shutdown included); ``job s`` is the time
+of the ``prepare(...)`` / reference call alone.
+
+It prints a table (size, tool, seconds, events/s, peak memory, ratio to the reference, the 1-minute
+load average when the run ended -- other work on the machine skews times) and writes
+``<work-dir>/prepare_bench.json``. With ``--repeats N`` the tools alternate N times and the fastest
+run of each is reported. It also checks that both tools wrote the same item vocabulary and the same
+rows in every split (``match`` column).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TOOLS = ("prepare", "duckdb")
+REFERENCE = "duckdb"
+SPLITS = ("train", "valid", "test")
+
+
+# --- children: one transform per process ----------------------------------------------------------
+
+
+def _child(args: argparse.Namespace) -> int:
+    """Run one tool on one input and write its own timing/statistics to ``args.result``."""
+    if args.child == "prepare":
+        from cluster.config import load_config
+        from cluster.log import setup_logging
+        from data_pipeline.config import PrepareConfig
+        from data_pipeline.prepare import prepare
+
+        setup_logging("WARNING")
+        overrides = [
+            "input.format=csv",
+            f"input.paths=[{args.input}]",
+            "input.has_header=true",
+            "input.columns.user=user",
+            "input.columns.item=item",
+            "input.columns.timestamp=timestamp",
+            "input.columns.rating=rating",
+            f"max_seq_len={args.max_seq_len}",
+            f"output.dir={args.out}",
+            "output.overwrite=true",
+            f"ray.num_cpus={args.num_cpus}",
+        ]
+        cfg = load_config(PrepareConfig, None, overrides)
+        began = time.perf_counter()
+        manifest = prepare(cfg)
+        result = {"job_seconds": time.perf_counter() - began, "manifest_keys": sorted(manifest)}
+    else:
+        # benchmarks/ is sys.path[0] when this file runs as a script.
+        from prepare_reference import run_reference
+
+        stats = run_reference(args.input, args.out, args.max_seq_len, threads=args.num_cpus)
+        result = {"job_seconds": stats.pop("seconds"), **stats}
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+# --- parent: generate, run, measure, compare ------------------------------------------------------
+
+
+def _tree_memory(proc: psutil.Process, with_pss: bool) -> tuple[int, int]:
+    """(summed RSS, summed PSS or 0) over ``proc`` and all its descendants, in bytes."""
+    rss = pss = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0, 0
+    for p in procs:
+        try:
+            if with_pss:
+                info = p.memory_full_info()
+                rss += info.rss
+                pss += info.pss
+            else:
+                rss += p.memory_info().rss
+        except psutil.Error:  # the process ended between listing and reading
+            continue
+    return rss, pss
+
+
+def run_measured(cmd: list[str], sample_interval: float, log_path: Path) -> dict:
+    """Run ``cmd``, sampling its process tree's memory; return wall seconds and peaks (MiB)."""
+    began = time.perf_counter()
+    with open(log_path, "wb") as log:
+        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = psutil.Process(popen.pid)
+        peak_rss = peak_pss = 0
+        while popen.poll() is None:
+            rss, pss = _tree_memory(proc, with_pss=True)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            time.sleep(sample_interval)
+    wall = time.perf_counter() - began
+    if popen.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(cmd)} failed with code {popen.returncode}; log {log_path}:\n{tail}")
+    return {"wall_seconds": wall, "peak_pss_mib": peak_pss / 2**20, "peak_rss_mib": peak_rss / 2**20}
+
+
+def ensure_log(size: int, logs_dir: Path) -> Path:
+    """Generate (once) a synthetic log of about ``size`` events; return the CSV path."""
+    from cluster.config import to_dict
+    from data_pipeline.synthetic import GenerateConfig, generate
+
+    num_items = max(1000, size // 100)
+    cfg = GenerateConfig(
+        output_dir=str(logs_dir / f"synthetic-{size}"),
+        num_users=max(100, round(size / 60)),
+        mean_seq_len=60.0,
+        num_items=num_items,
+        num_topics=max(50, num_items // 100),
+        with_item_text=False,
+    )
+    out = Path(cfg.output_dir)
+    saved = out / "generate_config.yaml"
+    csv = out / "interactions.csv"
+    if csv.is_file() and saved.is_file():
+        import yaml
+
+        if yaml.safe_load(saved.read_text()) == to_dict(cfg):
+            return csv
+    print(f"generating {csv} ...", flush=True)
+    return generate(cfg)
+
+
+def _count_rows(csv: Path) -> int:
+    with open(csv, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b"")) - 1
+
+
+def compare_outputs(prepared: Path, reference: Path) -> str:
+    """'yes' if both wrote the same item vocabulary and the same rows in every split, else what differs."""
+    import pyarrow.dataset as ds
+
+    def table(root: Path, sub: str, columns: list[str], key: str):
+        return ds.dataset(root / sub, format="parquet").to_table(columns=columns).sort_by(key)
+
+    checks = [("vocab/items.parquet", ["raw_id", "dense_id", "count"], "dense_id")]
+    checks += [(split, ["user_id", "item_ids", "timestamps", "ratings"], "user_id") for split in SPLITS]
+    for sub, columns, key in checks:
+        got, want = table(prepared, sub, columns, key), table(reference, sub, columns, key)
+        if got.num_rows != want.num_rows:
+            return f"no: {sub} has {got.num_rows} rows vs {want.num_rows}"
+        # Column values are compared, not schemas (field nullability differs between writers).
+        for name in columns:
+            if not got.column(name).combine_chunks().equals(want.column(name).combine_chunks()):
+                return f"no: {sub}.{name} differs"
+    return "yes"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments; run as the benchmark driver or (``--child``) as one measured run."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--max-seq-len", type=int, default=50)
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--sample-interval", type=float, default=0.25)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per tool; the fastest is reported")
+    parser.add_argument("--keep-outputs", action="store_true", help="keep the prepared directories")
+    parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        return _child(args)
+
+    work = args.work_dir.resolve()
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    records = []
+    for size in args.sizes:
+        csv = ensure_log(size, work / "logs")
+        num_events = _count_rows(csv)
+        outputs = {}
+        runs: dict[str, list[dict]] = {tool: [] for tool in args.tools}
+        # Tools alternate within each repeat so that a burst of load elsewhere hits both alike.
+        for repeat in range(args.repeats):
+            for tool in args.tools:
+                out = work / "runs" / f"{tool}-{size}"
+                shutil.rmtree(out, ignore_errors=True)
+                result_path = work / "runs" / f"{tool}-{size}.result.json"
+                cmd = [
+                    sys.executable, __file__, "--child", tool, "--input", str(csv), "--out", str(out),
+                    "--result", str(result_path), "--max-seq-len", str(args.max_seq_len),
+                    "--num-cpus", str(args.num_cpus),
+                ]  # fmt: skip
+                print(f"[{size:,} events] {tool}, run {repeat + 1}/{args.repeats} ...", flush=True)
+                measured = run_measured(cmd, args.sample_interval, work / "runs" / f"{tool}-{size}.log")
+                measured["job_seconds"] = json.loads(result_path.read_text())["job_seconds"]
+                measured["load_average_1m"] = os.getloadavg()[0]
+                runs[tool].append(measured)
+                outputs[tool] = out
+        for tool, measured in runs.items():
+            best = min(measured, key=lambda m: m["wall_seconds"])
+            records.append(
+                {
+                    "size": size,
+                    "num_events": num_events,
+                    "tool": tool,
+                    "num_cpus": args.num_cpus,
+                    # Fastest run; memory is the maximum over all runs.
+                    "wall_seconds": best["wall_seconds"],
+                    "job_seconds": best["job_seconds"],
+                    "events_per_s": num_events / best["wall_seconds"],
+                    "peak_pss_mib": max(m["peak_pss_mib"] for m in measured),
+                    "peak_rss_mib": max(m["peak_rss_mib"] for m in measured),
+                    "load_average_1m": best["load_average_1m"],
+                    "runs": measured,
+                }
+            )
+        if "prepare" in outputs and REFERENCE in outputs:
+            match = compare_outputs(outputs["prepare"], outputs[REFERENCE])
+            for r in records:
+                if r["size"] == size:
+                    r["outputs_match_reference"] = match
+        if not args.keep_outputs:
+            for out in outputs.values():
+                shutil.rmtree(out, ignore_errors=True)
+
+    by_key = {(r["size"], r["tool"]): r for r in records}
+    for r in records:
+        ref = by_key.get((r["size"], REFERENCE))
+        r["ratio_to_reference"] = r["wall_seconds"] / ref["wall_seconds"] if ref else None
+        r["job_ratio_to_reference"] = r["job_seconds"] / ref["job_seconds"] if ref else None
+    header = (
+        f"{'size':>11} {'events':>11} {'tool':>8} {'wall s':>8} {'job s':>8} {'events/s':>10} "
+        f"{'peak PSS MiB':>12} {'peak RSS MiB':>12} {'x ref (wall)':>12} {'x ref (job)':>11} {'load':>5} {'match':>6}"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in records:
+        ratio = f"{r['ratio_to_reference']:.2f}" if r["ratio_to_reference"] else "-"
+        job_ratio = f"{r['job_ratio_to_reference']:.2f}" if r["job_ratio_to_reference"] else "-"
+        print(
+            f"{r['size']:>11,} {r['num_events']:>11,} {r['tool']:>8} {r['wall_seconds']:>8.1f} "
+            f"{r['job_seconds']:>8.1f} {r['events_per_s']:>10,.0f} {r['peak_pss_mib']:>12,.0f} "
+            f"{r['peak_rss_mib']:>12,.0f} {ratio:>12} {job_ratio:>11} {r['load_average_1m']:>5.1f} "
+            f"{r.get('outputs_match_reference', '-'):>6}"
+        )
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "results": records,
+    }
+    out_json = work / "prepare_bench.json"
+    out_json.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
