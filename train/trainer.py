@@ -382,7 +382,9 @@ class Trainer:
             targets_d = targets.to(self.device)
             metrics.update(rank_of_targets(scores_BI, targets_d, input_ids_d, offsets_d))
             if predictions_path is not None:
-                top = topk_items(scores_BI, input_ids_d, offsets_d, k=min(self.cfg.eval.top_k, self.num_items))
+                # The target is never excluded (as in rank_of_targets), so the file reproduces the metrics.
+                top = topk_items(scores_BI, input_ids_d, offsets_d, k=min(self.cfg.eval.top_k, self.num_items),
+                                 keep_ids=targets_d)  # fmt: skip
                 rows.append((batch.user_ids[keep_rows].numpy(), targets.numpy(), top.cpu().numpy()))
         result = metrics.compute()
         if predictions_path is not None:
