@@ -181,3 +181,17 @@ def test_ml100k_beats_popularity_by_a_wide_margin(tmp_path):
     assert 0.05 < popularity < 0.1
     assert final["test"]["hr@10"] > 2 * popularity, (final["test"], popularity)
     assert final["test"]["ndcg@10"] > 2 * final["popularity_test"]["ndcg@10"]
+
+
+def test_checkpoint_resumes_on_another_world_size(train_runs, synthetic_data, tmp_path):
+    """A 2-process checkpoint loads in 1 process: DCP reshards the table, and eval gives the same numbers."""
+    args = [*EXACT, "zero.stage=2"]
+    run = train_runs(args, nproc=2)
+    ckpt = run.output_dir / "checkpoints" / f"step_{run.final['best_step']:08d}"
+    out = tmp_path / "one_process"
+    proc = run_train([f"data.dir={synthetic_data}", *TINY_MODEL, *args, f"run.resume={ckpt}"], out, nproc=1)
+    assert "resharded" in proc.stderr
+    final = json.loads((out / "final_metrics.json").read_text())
+    for split in ("valid", "test"):
+        for key, value in run.final[split].items():
+            assert final[split][key] == pytest.approx(value, abs=1e-6), (split, key)
