@@ -73,7 +73,9 @@ def main() -> int:
                        cwd=ROOT, check=True)  # fmt: skip
     rows = [run_case(name, args.steps, args.nproc) for name in args.cases]
     print(f"{'case':16s} {'tokens/s':>10s} {'x reference':>12s} {'peak MiB/rank':>14s}")
-    print(f"{'meta reference':16s} {REFERENCE['tokens_per_s']:10.0f} {1.0:12.2f} {REFERENCE['peak_memory_mib']:14.0f}  (quoted)")
+    print(
+        f"{'meta reference':16s} {REFERENCE['tokens_per_s']:10.0f} {1.0:12.2f} {REFERENCE['peak_memory_mib']:14.0f}  (quoted)"
+    )
     for r in rows:
         ratio = r["tokens_per_s"] / REFERENCE["tokens_per_s"]
         print(f"{r['case']:16s} {r['tokens_per_s']:10.0f} {ratio:12.2f} {r['peak_memory_mib']:14.0f}")

@@ -61,7 +61,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         allowed = get_args(tp)
         if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans
-            for word in (("on", "yes", "true") if value else ("off", "no", "false")):
+            for word in ("on", "yes", "true") if value else ("off", "no", "false"):
                 if word in allowed:
                     return word
         if value not in allowed:
@@ -121,7 +121,11 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         key = f"{prefix}.{name}" if prefix else name
         kwargs[name] = _coerce(value, hints[name], key)
     for name, f in fields.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if (
+            name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
             key = f"{prefix}.{name}" if prefix else name
             raise ConfigError(key, "is required")
     obj = cls(**kwargs)

@@ -315,8 +315,10 @@ def test_strided_global_batches_do_not_depend_on_world_size(tmp_path, shuffle):
 # --------------------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize(("max_tokens", "partition"), [(None, "rows"), (25, "rows"), (None, "row_groups"),
-                                                      (25, "row_groups"), (None, "strided")])
+@pytest.mark.parametrize(
+    ("max_tokens", "partition"),
+    [(None, "rows"), (25, "rows"), (None, "row_groups"), (25, "row_groups"), (None, "strided")],
+)
 def test_resume_in_process_and_simulated_workers(tmp_path, monkeypatch, max_tokens, partition):
     # 70 rows in groups of 6: workers get different batch counts in most of these settings.
     data_dir, _ = write_test_shards(tmp_path, num_users=70, row_group_size=6)

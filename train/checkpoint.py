@@ -53,7 +53,9 @@ class CheckpointManager:
     def complete(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        return sorted(p for p in self.root.iterdir() if p.name.startswith(_PREFIX) and (p / "meta.json").is_file())
+        return sorted(
+            p for p in self.root.iterdir() if p.name.startswith(_PREFIX) and (p / "meta.json").is_file()
+        )
 
     def latest(self) -> Path | None:
         done = self.complete()
@@ -91,12 +93,16 @@ class CheckpointManager:
             if old not in protected:
                 shutil.rmtree(old, ignore_errors=True)
 
-    def load(self, path: Path, table: ShardedItemTable, engine, meta: dict, dense_module_only: bool = False) -> dict:
+    def load(
+        self, path: Path, table: ShardedItemTable, engine, meta: dict, dense_module_only: bool = False
+    ) -> dict:
         """Load into the live table and engine; returns this rank's trainer state. Collective."""
         path = Path(path)
         meta_path = path / "meta.json"
         if not meta_path.is_file():
-            raise ValueError(f"{path} is not a complete checkpoint (no meta.json); use run.resume=never or another path")
+            raise ValueError(
+                f"{path} is not a complete checkpoint (no meta.json); use run.resume=never or another path"
+            )
         saved = json.loads(meta_path.read_text())
         for key in ("model", "embedding_dim", "num_blocks", "num_heads", "num_items"):
             if saved.get(key) != meta.get(key):
@@ -108,7 +114,9 @@ class CheckpointManager:
         dcp.load(state, checkpoint_id=str(path / "sparse"))
         table.module.load_state_dict(state["model"])
         table.module.fused_optimizer.load_state_dict(state["optim"])
-        same_layout = saved.get("world_size") == meta.get("world_size") and saved.get("zero_stage") == meta.get("zero_stage")
+        same_layout = saved.get("world_size") == meta.get("world_size") and saved.get(
+            "zero_stage"
+        ) == meta.get("zero_stage")
         if not same_layout and not dense_module_only:
             logger.warning(
                 "checkpoint %s was written with world size %s / ZeRO stage %s, this run has %s / %s: the sparse "

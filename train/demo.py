@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nOutputs: {out}/ (final_metrics.json, test_predictions.parquet, metrics.jsonl, checkpoints/)")
     db = (out.resolve().parent / "mlflow.db") if train_cfg.tracking.tracking_uri is None else None
     uri = f"sqlite:///{db}" if db else train_cfg.tracking.tracking_uri
-    print(f"Look at the run:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)")
+    print(
+        f"Look at the run:  .venv/bin/mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"
+    )
     return 0
 
 

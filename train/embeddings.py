@@ -87,7 +87,9 @@ def build_item_table(
     if cfg.memory_cap_gib is not None:
         cap = int(cfg.memory_cap_gib * 1024**3)
         topology_kwargs["hbm_cap" if device.type == "cuda" else "ddr_cap"] = cap
-    constraint = ParameterConstraints(sharding_types=[cfg.sharding_type], compute_kernels=[cfg.compute_kernel])
+    constraint = ParameterConstraints(
+        sharding_types=[cfg.sharding_type], compute_kernels=[cfg.compute_kernel]
+    )
     if cfg.min_partition is not None:
         constraint.min_partition = cfg.min_partition
     planner = EmbeddingShardingPlanner(topology=Topology(**topology_kwargs), constraints={TABLE: constraint})
@@ -128,10 +130,14 @@ def init_table_(table: ShardedItemTable, std: float, seed: int) -> None:
             rows = min(_INIT_CHUNK_ROWS, table.num_embeddings - chunk_start)
             values = torch.randn(rows, dim, generator=gen) * std
             lo, hi = max(row0, chunk_start), min(row0 + num_rows, chunk_start + rows)
-            shard.tensor[lo - row0 : hi - row0].copy_(values[lo - chunk_start : hi - chunk_start, col0 : col0 + num_cols])
+            shard.tensor[lo - row0 : hi - row0].copy_(
+                values[lo - chunk_start : hi - chunk_start, col0 : col0 + num_cols]
+            )
 
 
-def lookup(table: ShardedItemTable, features: dict[str, tuple[Tensor, Tensor]], device: torch.device) -> dict[str, Tensor]:
+def lookup(
+    table: ShardedItemTable, features: dict[str, tuple[Tensor, Tensor]], device: torch.device
+) -> dict[str, Tensor]:
     """Embeddings for ``{feature: (ids, lengths)}``, features in ``FEATURES`` (missing ones are empty).
 
     Returns ``embedding_dim`` columns (the stored padding columns are cut off, so they get no
@@ -141,7 +147,9 @@ def lookup(table: ShardedItemTable, features: dict[str, tuple[Tensor, Tensor]], 
     stride = len(next(iter(features.values()))[1])
     values, lengths = [], []
     for name in FEATURES:
-        ids, lens = features.get(name, (torch.empty(0, dtype=torch.long), torch.zeros(stride, dtype=torch.long)))
+        ids, lens = features.get(
+            name, (torch.empty(0, dtype=torch.long), torch.zeros(stride, dtype=torch.long))
+        )
         assert len(lens) == stride, f"feature {name} has {len(lens)} rows, expected {stride}"
         values.append(ids)
         lengths.append(lens)

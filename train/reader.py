@@ -204,7 +204,9 @@ class SequenceDataset(IterableDataset):
         if partition not in PARTITIONS:
             raise ValueError(f"partition must be one of {', '.join(PARTITIONS)}, got {partition!r}")
         if partition == "strided" and max_tokens is not None:
-            raise ValueError("partition='strided' cuts batches by rows only; use max_tokens=None or partition='rows'")
+            raise ValueError(
+                "partition='strided' cuts batches by rows only; use max_tokens=None or partition='rows'"
+            )
         if shuffle_block_row_groups < 1:
             raise ValueError(f"shuffle_block_row_groups must be >= 1, got {shuffle_block_row_groups}")
         self.data_dir = Path(data_dir)
@@ -483,7 +485,9 @@ class SequenceDataset(IterableDataset):
 
     # --------------------------------------------------------------------------------- iteration
 
-    def _iter_strided(self, epoch: int, g: int, num_global: int, skip_batches: int) -> Iterator[SequenceBatch]:
+    def _iter_strided(
+        self, epoch: int, g: int, num_global: int, skip_batches: int
+    ) -> Iterator[SequenceBatch]:
         """``partition='strided'``: rows g, g+G, ... of the shared stream, cut into batches."""
         skip_rows = skip_batches * self.batch_size  # rows of this worker's own stream
         pending: pa.Table | None = None
@@ -495,7 +499,9 @@ class SequenceDataset(IterableDataset):
             if own_pos + len(mine) <= skip_rows:
                 own_pos += len(mine)
                 continue
-            table = self._read_block(block, self._block_permutation(epoch, g, num_global, bi, n)).take(pa.array(mine))
+            table = self._read_block(block, self._block_permutation(epoch, g, num_global, bi, n)).take(
+                pa.array(mine)
+            )
             if skip_rows > own_pos:
                 table = table.slice(skip_rows - own_pos)
             own_pos += len(mine)

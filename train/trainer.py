@@ -119,7 +119,9 @@ class Trainer:
                 )
         self.max_seq_len = cfg.model.max_seq_len
 
-        self.table = build_item_table(cfg.embeddings, self.num_items, cfg.model.embedding_dim, self.device, cfg.run.seed)
+        self.table = build_item_table(
+            cfg.embeddings, self.num_items, cfg.model.embedding_dim, self.device, cfg.run.seed
+        )
         torch.manual_seed(cfg.run.seed)  # identical dense init on every rank
         encoder = build_encoder(cfg.model).to(self.device)
 
@@ -147,7 +149,9 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints", cfg.run.keep_checkpoints)
         default_uri = f"sqlite:///{self.output_dir.resolve().parent / 'mlflow.db'}"
-        self.tracker = make_tracker(cfg.tracking, rank=info.rank, run_dir=self.output_dir, default_uri=default_uri)
+        self.tracker = make_tracker(
+            cfg.tracking, rank=info.rank, run_dir=self.output_dir, default_uri=default_uri
+        )
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -168,7 +172,9 @@ class Trainer:
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.info.world_size,
             # ZeRO-3 partitions parameters; ds_numel is the full size.
-            "num_dense_params": sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()),
+            "num_dense_params": sum(
+                getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()
+            ),
         }
 
     # ------------------------------------------------------------------------------------- train
@@ -201,7 +207,9 @@ class Trainer:
 
         seq_emb = emb["seq"].to(self.dense_dtype)
         max_len = int(in_lengths.max().item()) if num_rows else 0
-        query = self.engine(seq_emb, offsets.to(self.device), max_len, None if ts is None else ts.to(self.device))
+        query = self.engine(
+            seq_emb, offsets.to(self.device), max_len, None if ts is None else ts.to(self.device)
+        )
         query = query.float()
         targets_d = targets.to(self.device)
         if cfg.loss.negatives == "in_batch":
@@ -219,7 +227,9 @@ class Trainer:
         if self.cfg.zero.stage == 0 and self.engine.is_gradient_accumulation_boundary():
             # DeepSpeed reports the global norm only when ZeRO or clipping computes it.
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            grad_norm = float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            )
         self.engine.step()
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
@@ -233,7 +243,9 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=total, initial=self.batches_in_epoch, desc=f"epoch {self.epoch}", dynamic_ncols=True)
+        return tqdm(
+            total=total, initial=self.batches_in_epoch, desc=f"epoch {self.epoch}", dynamic_ncols=True
+        )
 
     def train(self) -> dict:
         """Run epochs from the current state; evaluate, checkpoint, early-stop; test with the best checkpoint."""
@@ -260,7 +272,9 @@ class Trainer:
         while self.epoch < cfg.run.epochs and not stopped_early:
             self.train_data.set_epoch(self.epoch)
             if self.batches_in_epoch:
-                self.train_data.load_state_dict({"epoch": self.epoch, "batches_consumed": self.batches_in_epoch})
+                self.train_data.load_state_dict(
+                    {"epoch": self.epoch, "batches_consumed": self.batches_in_epoch}
+                )
             loader = iter(self.train_data.loader())
             bar = self._make_progress(self.steps_per_epoch)
             window_loss, window_pos, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
@@ -268,8 +282,14 @@ class Trainer:
                 if max_steps and self.step >= max_steps:
                     break
                 batch = next(loader, None)
-                n_local = int((batch.lengths.clamp(max=self.max_seq_len + 1) - 1).clamp(min=0).sum()) if batch else 0
-                has, n_global = all_reduce_sum([1.0 if batch is not None else 0.0, float(n_local)], self.device)
+                n_local = (
+                    int((batch.lengths.clamp(max=self.max_seq_len + 1) - 1).clamp(min=0).sum())
+                    if batch
+                    else 0
+                )
+                has, n_global = all_reduce_sum(
+                    [1.0 if batch is not None else 0.0, float(n_local)], self.device
+                )
                 if has < self.info.world_size:  # some rank is out of data: the epoch ends for all
                     break
                 out = self.train_step(batch, int(n_global))
@@ -282,7 +302,9 @@ class Trainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{out['loss_sum'] / max(1, out['positions']):.4f}")
                 if self.step % cfg.run.log_every_steps == 0:
-                    self._log_train_window(window_loss, window_pos, window_tokens, time.perf_counter() - window_t0)
+                    self._log_train_window(
+                        window_loss, window_pos, window_tokens, time.perf_counter() - window_t0
+                    )
                     window_loss, window_pos, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
                 if cfg.run.checkpoint_every_steps and self.step % cfg.run.checkpoint_every_steps == 0:
                     self.save_checkpoint()
@@ -341,7 +363,9 @@ class Trainer:
             self.evals_without_improvement += 1
         patience = self.cfg.eval.patience
         if patience and self.evals_without_improvement >= patience:
-            logger.info("early stopping: %s has not improved for %d evaluations", self.cfg.eval.metric, patience)
+            logger.info(
+                "early stopping: %s has not improved for %d evaluations", self.cfg.eval.metric, patience
+            )
             return True
         return False
 
@@ -356,7 +380,9 @@ class Trainer:
         replica = build_encoder(self.cfg.model).to(self.device)
         params = list(self.engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.zero.stage == 3):
-            replica.load_state_dict({k: v.detach().float() for k, v in self.engine.module.state_dict().items()})
+            replica.load_state_dict(
+                {k: v.detach().float() for k, v in self.engine.module.state_dict().items()}
+            )
         return replica.eval()
 
     @torch.no_grad()
@@ -371,12 +397,16 @@ class Trainer:
         metrics = RetrievalMetrics()
         rows = []
         for batch in data:
-            input_ids, offsets, ts, targets, keep_rows = split_inputs_targets(batch, self.max_seq_len, last_only=True)
+            input_ids, offsets, ts, targets, keep_rows = split_inputs_targets(
+                batch, self.max_seq_len, last_only=True
+            )
             if len(targets) == 0:
                 continue
             input_ids_d, offsets_d = input_ids.to(self.device), offsets.to(self.device)
             max_len = int((offsets[1:] - offsets[:-1]).max())
-            query_TD = encoder(table_ID[input_ids_d], offsets_d, max_len, None if ts is None else ts.to(self.device))
+            query_TD = encoder(
+                table_ID[input_ids_d], offsets_d, max_len, None if ts is None else ts.to(self.device)
+            )
             query_BD = query_TD[offsets_d[1:] - 1]
             scores_BI = query_BD @ table_ID.T
             targets_d = targets.to(self.device)
@@ -401,7 +431,9 @@ class Trainer:
         np.savez(part, users=users, targets=targets, top=top)
         dist.barrier()
         if self.info.is_main:
-            parts = [np.load(path.with_name(f".{path.stem}.rank{r}.npz")) for r in range(self.info.world_size)]
+            parts = [
+                np.load(path.with_name(f".{path.stem}.rank{r}.npz")) for r in range(self.info.world_size)
+            ]
             users = np.concatenate([p["users"] for p in parts])
             targets = np.concatenate([p["targets"] for p in parts])
             top = np.concatenate([p["top"] for p in parts])
@@ -466,7 +498,13 @@ class Trainer:
             return False
         state = self.checkpoints.load(path, self.table, self.engine, self.checkpoint_meta())
         self.load_trainer_state(state)
-        logger.info("resumed from %s (step %d, epoch %d, batch %d)", path, self.step, self.epoch, self.batches_in_epoch)
+        logger.info(
+            "resumed from %s (step %d, epoch %d, batch %d)",
+            path,
+            self.step,
+            self.epoch,
+            self.batches_in_epoch,
+        )
         return True
 
     # ------------------------------------------------------------------------------------ finish
@@ -477,7 +515,9 @@ class Trainer:
         if best is not None and best.exists() and self.best_step != self.step:
             logger.info("loading the best checkpoint (step %d, valid %s=%.4f) for test", self.best_step,
                         self.cfg.eval.metric, self.best_metric)  # fmt: skip
-            self.checkpoints.load(best, self.table, self.engine, self.checkpoint_meta(), dense_module_only=True)
+            self.checkpoints.load(
+                best, self.table, self.engine, self.checkpoint_meta(), dense_module_only=True
+            )
         valid = self.evaluate("valid")
         test = self.evaluate("test", predictions_path=self.output_dir / "test_predictions.parquet")
         final = {
