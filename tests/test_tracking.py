@@ -136,6 +136,10 @@ def test_plot_history_panels_and_png(tmp_path):
         ("eval/ndcg_at_10", ["eval/ndcg_at_10"]),
     ]
     assert panel_layout({"train/loss": [(1, 1.0)]}) == [("train/loss", ["train/loss"])]
+    # valid and test of one metric share a panel; bookkeeping series get none.
+    grouped = {"valid/hr_at_10": [(5, 0.2), (10, 0.3)], "test/hr_at_10": [(10, 0.28)], "valid/num_users": [(5, 9.0)],
+               "train/epoch": [(5, 1.0)]}  # fmt: skip
+    assert panel_layout(grouped) == [("hr_at_10", ["test/hr_at_10", "valid/hr_at_10"])]
     png = plot_history(history, tmp_path / "sub" / "history.png")
     assert png.read_bytes()[:8] == PNG_MAGIC
     # 3 panels -> one row of 3 columns of 4.5 x 3.2 inches at 100 dpi.

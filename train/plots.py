@@ -20,20 +20,30 @@ from matplotlib.figure import Figure
 # Panels per row; more metrics wrap onto further rows.
 MAX_COLUMNS = 3
 
+SKIPPED_METRICS = ("epoch", "num_users")
+
 
 def panel_layout(history: dict[str, list[tuple[int, float]]]) -> list[tuple[str, list[str]]]:
     """Group metric names into panels: ``[(title, [metric names]), ...]``.
 
     Every name containing "loss" (train and eval loss) shares the first panel, titled "loss" (or
-    the name when there is only one), so the curves can be compared on one axis; every other metric (hr@10, ndcg@10, lr, ...) gets a panel of its own.
-    Metrics without any points are left out.
+    the name when there is only one), so the curves can be compared on one axis. Other metrics are
+    grouped by what follows their prefix, so ``valid/hr_at_10`` and ``test/hr_at_10`` share a panel
+    titled ``hr_at_10``; a metric alone keeps its full name as title. Bookkeeping series (``*/epoch``,
+    ``*/num_users``) and metrics without any points are left out.
     """
     names = sorted(name for name, points in history.items() if points)
     loss_names = [name for name in names if "loss" in name.lower()]
     panels: list[tuple[str, list[str]]] = []
     if loss_names:
         panels.append((loss_names[0] if len(loss_names) == 1 else "loss", loss_names))
-    panels += [(name, [name]) for name in names if name not in loss_names]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        metric = name.split("/", 1)[-1]
+        if name in loss_names or metric in SKIPPED_METRICS:
+            continue
+        groups.setdefault(metric, []).append(name)
+    panels += [(members[0] if len(members) == 1 else metric, members) for metric, members in groups.items()]
     return panels
 
 
