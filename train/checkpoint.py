@@ -104,7 +104,13 @@ class CheckpointManager:
                 f"{path} is not a complete checkpoint (no meta.json); use run.resume=never or another path"
             )
         saved = json.loads(meta_path.read_text())
-        for key in ("model", "embedding_dim", "num_blocks", "num_heads", "num_items"):
+        if saved.get("num_items") != meta.get("num_items"):
+            raise ValueError(
+                f"checkpoint {path} was trained on a vocabulary of {saved.get('num_items')} items, but data.dir "
+                f"holds {meta.get('num_items')}: it is another model's (or another data set's) checkpoint. Point "
+                "data.dir at the data it was trained on, or start fresh (another run.output_dir, or run.resume=never)."
+            )
+        for key in ("model", "embedding_dim", "num_blocks", "num_heads"):
             if saved.get(key) != meta.get(key):
                 raise ValueError(
                     f"checkpoint {path} is of another model: {key}={saved.get(key)!r} there, {meta.get(key)!r} in "

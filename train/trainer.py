@@ -497,6 +497,12 @@ class Trainer:
         if path is None:
             return False
         state = self.checkpoints.load(path, self.table, self.engine, self.checkpoint_meta())
+        saved_world = json.loads((Path(path) / "meta.json").read_text()).get("world_size")
+        if saved_world != self.info.world_size and state.get("batches_in_epoch"):
+            # The reader position belongs to the old rank layout; the epoch restarts on the new one.
+            logger.warning("world size changed (%s -> %d): epoch %d restarts from its first batch",
+                           saved_world, self.info.world_size, state["epoch"])  # fmt: skip
+            state["batches_in_epoch"] = 0
         self.load_trainer_state(state)
         logger.info(
             "resumed from %s (step %d, epoch %d, batch %d)",
