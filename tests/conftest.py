@@ -78,9 +78,10 @@ class TrainRun:
         return json.loads((self.output_dir / "final_metrics.json").read_text())
 
 
-def run_train(args: list[str], output_dir: Path, nproc: int = 1, check: bool = True, timeout: int = 600):
+def run_train(args: list[str], output_dir: Path, nproc: int = 1, check: bool = True, timeout: int = 600,
+              env: dict[str, str] | None = None):  # fmt: skip
     """Run the trainer's real command line; returns the CompletedProcess."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     if nproc == 1:
@@ -117,3 +118,15 @@ def train_runs(tmp_path_factory, synthetic_data):
         return cache[key]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip, with the reason, on machines without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
