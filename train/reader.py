@@ -485,12 +485,9 @@ class SequenceDataset(IterableDataset):
 
     # --------------------------------------------------------------------------------- iteration
 
-    def _iter_strided(
-        self, epoch: int, g: int, num_global: int, skip_batches: int
-    ) -> Iterator[SequenceBatch]:
-        """``partition='strided'``: rows g, g+G, ... of the shared stream, cut into batches."""
+    def _strided_tables(self, epoch: int, g: int, num_global: int, skip_batches: int) -> Iterator[pa.Table]:
+        """``partition='strided'``: rows g, g+G, ... of the shared stream, after the skipped rows."""
         skip_rows = skip_batches * self.batch_size  # rows of this worker's own stream
-        pending: pa.Table | None = None
         stream_pos, own_pos = 0, 0  # first row of the current block in the shared / own stream
         for bi, block in enumerate(self._worker_blocks(epoch, g, num_global)):
             n = sum(stop - start for _, start, stop in block)
@@ -499,28 +496,16 @@ class SequenceDataset(IterableDataset):
             if own_pos + len(mine) <= skip_rows:
                 own_pos += len(mine)
                 continue
-            table = self._read_block(block, self._block_permutation(epoch, g, num_global, bi, n)).take(
-                pa.array(mine)
-            )
+            perm = self._block_permutation(epoch, g, num_global, bi, n)
+            table = self._read_block(block, perm).take(pa.array(mine))
             if skip_rows > own_pos:
                 table = table.slice(skip_rows - own_pos)
             own_pos += len(mine)
-            pending = table if pending is None else pa.concat_tables([pending, table])
-            bounds, rest = self._cut(pending, final=False)
-            for start, stop in bounds:
-                yield collate_rows(pending.slice(start, stop - start))
-            pending = pending.slice(rest)
-        if pending is not None and len(pending):
-            bounds, _ = self._cut(pending, final=True)
-            for start, stop in bounds:
-                yield collate_rows(pending.slice(start, stop - start))
+            yield table
 
-    def _iter_worker(self, epoch: int, g: int, num_global: int, skip_batches: int) -> Iterator[SequenceBatch]:
-        if self.partition == "strided":
-            yield from self._iter_strided(epoch, g, num_global, skip_batches)
-            return
+    def _range_tables(self, epoch: int, g: int, num_global: int, skip_batches: int) -> Iterator[pa.Table]:
+        """``partition='rows'``/``'row_groups'``: the worker's own blocks, after the skipped rows."""
         skip_rows = self._rows_to_skip(epoch, g, num_global, skip_batches)
-        pending: pa.Table | None = None
         stream_pos = 0  # stream row index of the current block's first row
         for bi, block in enumerate(self._worker_blocks(epoch, g, num_global)):
             n = sum(stop - start for _, start, stop in block)
@@ -531,6 +516,13 @@ class SequenceDataset(IterableDataset):
             if skip_rows > stream_pos:
                 table = table.slice(skip_rows - stream_pos)
             stream_pos += n
+            yield table
+
+    def _iter_worker(self, epoch: int, g: int, num_global: int, skip_batches: int) -> Iterator[SequenceBatch]:
+        """Cut the worker's stream of row blocks into batches."""
+        tables = self._strided_tables if self.partition == "strided" else self._range_tables
+        pending: pa.Table | None = None
+        for table in tables(epoch, g, num_global, skip_batches):
             pending = table if pending is None else pa.concat_tables([pending, table])
             bounds, rest = self._cut(pending, final=False)
             for start, stop in bounds:
