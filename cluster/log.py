@@ -12,6 +12,13 @@ import os
 import sys
 
 _configured = False
+# Libraries whose INFO lines (kernel loading, per-table optimizer dumps) drown the training log.
+_QUIET_PATHS = ("/fbgemm_gpu/", "/torchrec/distributed/", "/deepspeed/")
+
+
+class _QuietLibraries(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(p in record.pathname for p in _QUIET_PATHS)
 
 
 def setup_logging(level: str | None = None) -> None:
@@ -25,6 +32,7 @@ def setup_logging(level: str | None = None) -> None:
         level = "WARNING"
     tag = f"[rank{rank}] " if world > 1 else ""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_QuietLibraries())
     handler.setFormatter(
         logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s", "%H:%M:%S")
     )
