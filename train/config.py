@@ -141,7 +141,9 @@ class RunConfig:
 
     output_dir: str = "runs/demo/train"
     epochs: int = 10
-    max_steps: int = 0  # stop after this many batches (micro-steps) in total (0: no limit); a later run resumes
+    max_steps: int = (
+        0  # stop after this many batches (micro-steps) in total (0: no limit); a later run resumes
+    )
     seed: int = 42
     log_every_steps: int = 20
     checkpoint_every_steps: int = 0  # 0: at the end of every epoch only

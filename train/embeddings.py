@@ -5,8 +5,10 @@ Built on the meta device, given its optimizer (fused into the backward pass by f
 from the config, and sharded by ``DistributedModelParallel``. Only the table lives in DMP: the dense
 encoder is a DeepSpeed engine (``train/zero.py``), so dense gradients are reduced once, by DeepSpeed.
 
-One table (``item_table``) serves three features of each batch's ``KeyedJaggedTensor``:
-``seq`` (the model inputs), ``tgt`` (the targets) and ``neg`` (sampled negatives).
+One table (``item_table``) with one feature, ``item_ids``. The trainer looks up each id of a
+step once (the unique ids of inputs, targets and negatives together) and indexes the result
+locally: with sampled negatives most lookups are repeats, and deduplicating them shrinks the
+embedding all-to-all and the fused backward by an order of magnitude.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from train.config import EmbeddingTableConfig
 logger = logging.getLogger(__name__)
 
 TABLE = "item_table"
-FEATURES = ["seq", "tgt", "neg"]
+FEATURES = ["item_ids"]
 WEIGHT_KEY = f"embeddings.{TABLE}.weight"
 _INIT_CHUNK_ROWS = 8192
 
@@ -135,27 +137,14 @@ def init_table_(table: ShardedItemTable, std: float, seed: int) -> None:
             )
 
 
-def lookup(
-    table: ShardedItemTable, features: dict[str, tuple[Tensor, Tensor]], device: torch.device
-) -> dict[str, Tensor]:
-    """Embeddings for ``{feature: (ids, lengths)}``, features in ``FEATURES`` (missing ones are empty).
+def lookup(table: ShardedItemTable, ids: Tensor, device: torch.device) -> Tensor:
+    """Embeddings ``[len(ids), embedding_dim]`` of ``ids`` through the sharded table.
 
-    Returns ``embedding_dim`` columns (the stored padding columns are cut off, so they get no
-    gradient). Every feature must have the same number of rows (the KJT's stride). This is a collective: every
-    rank must call it the same number of times.
+    The stored padding columns are cut off, so they get no gradient. This is a collective: every
+    rank must call it the same number of times (each with its own ids).
     """
-    stride = len(next(iter(features.values()))[1])
-    values, lengths = [], []
-    for name in FEATURES:
-        ids, lens = features.get(
-            name, (torch.empty(0, dtype=torch.long), torch.zeros(stride, dtype=torch.long))
-        )
-        assert len(lens) == stride, f"feature {name} has {len(lens)} rows, expected {stride}"
-        values.append(ids)
-        lengths.append(lens)
-    kjt = KeyedJaggedTensor(keys=FEATURES, values=torch.cat(values), lengths=torch.cat(lengths)).to(device)
-    out = table.module(kjt)
-    return {name: out[name].values()[:, : table.embedding_dim] for name in features}
+    kjt = KeyedJaggedTensor(keys=FEATURES, values=ids, lengths=torch.tensor([len(ids)])).to(device)
+    return table.module(kjt)[FEATURES[0]].values()[:, : table.embedding_dim]
 
 
 @torch.no_grad()
@@ -173,8 +162,7 @@ def gather_full_table(table: ShardedItemTable, device: torch.device, chunk_rows:
     parts = []
     for c in range(num_chunks):
         chunk = ids[c * chunk_rows : (c + 1) * chunk_rows]
-        emb = lookup(table, {"neg": (chunk, torch.tensor([len(chunk)]))}, device)["neg"]
-        parts.append(emb)
+        parts.append(lookup(table, chunk, device))
     local = torch.cat(parts) if parts else torch.empty(0, table.embedding_dim, device=device)
     padded = torch.zeros(per_rank, table.embedding_dim, device=device, dtype=local.dtype)
     padded[: len(local)] = local

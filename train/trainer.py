@@ -185,27 +185,30 @@ class Trainer:
         input_ids, offsets, ts, targets, _ = split_inputs_targets(batch, self.max_seq_len, last_only=False)
         in_lengths = offsets[1:] - offsets[:-1]
         num_rows = len(in_lengths)
-        features = {"seq": (input_ids, in_lengths), "tgt": (targets, in_lengths)}
         gen = torch.Generator()
-        neg_ids = None
+        neg_ids = torch.empty(0, dtype=torch.long)
         if cfg.loss.negatives == "shared":  # same draw on every rank: one global set per step
             gen.manual_seed(cfg.run.seed * 7919 + self.step)
             neg_ids = sample_negatives(self.num_items, (cfg.loss.num_negatives,), gen)
-            neg_lengths = torch.zeros(num_rows, dtype=torch.long)
-            neg_lengths[0] = len(neg_ids)
-            features["neg"] = (neg_ids, neg_lengths)
         elif cfg.loss.negatives == "per_position":
             gen.manual_seed(cfg.run.seed * 7919 + self.step * 1009 + self.info.rank)
             neg_ids = sample_negatives(self.num_items, (len(targets), cfg.loss.num_negatives), gen)
-            features["neg"] = (neg_ids.reshape(-1), in_lengths * cfg.loss.num_negatives)
         self._seed_step(self.step)
-        emb = lookup(self.table, features, self.device)
+        # One lookup per distinct id (inputs, targets and negatives overlap heavily), then local indexing;
+        # the index backward sums the repeats' gradients before they reach the table.
+        unique_ids, inverse = torch.unique(
+            torch.cat([input_ids, targets, neg_ids.reshape(-1)]), return_inverse=True
+        )
         sparse_scale = cfg.optim.grad_accum_steps / world
         if self.ds_config["fp16"]["enabled"]:
             sparse_scale /= float(getattr(self.engine.optimizer, "cur_scale", 1.0))
-        emb = {k: _ScaleGrad.apply(v, sparse_scale) for k, v in emb.items()}
+        emb_UD = _ScaleGrad.apply(lookup(self.table, unique_ids, self.device), sparse_scale)
+        inverse = inverse.to(self.device)
+        num_inputs, num_targets = len(input_ids), len(targets)
+        seq_emb = emb_UD[inverse[:num_inputs]].to(self.dense_dtype)
+        tgt_emb = emb_UD[inverse[num_inputs : num_inputs + num_targets]]
+        neg_emb = emb_UD[inverse[num_inputs + num_targets :]].view(*neg_ids.shape, -1)
 
-        seq_emb = emb["seq"].to(self.dense_dtype)
         max_len = int(in_lengths.max().item()) if num_rows else 0
         query = self.engine(
             seq_emb, offsets.to(self.device), max_len, None if ts is None else ts.to(self.device)
@@ -213,13 +216,10 @@ class Trainer:
         query = query.float()
         targets_d = targets.to(self.device)
         if cfg.loss.negatives == "in_batch":
-            loss_sum, num = in_batch_softmax_loss(query, emb["tgt"], targets_d, cfg.loss.temperature)
+            loss_sum, num = in_batch_softmax_loss(query, tgt_emb, targets_d, cfg.loss.temperature)
         else:
-            neg_emb = emb["neg"]
-            if cfg.loss.negatives == "per_position":
-                neg_emb = neg_emb.view(len(targets), cfg.loss.num_negatives, -1)
             loss_sum, num = sampled_softmax_loss(
-                query, emb["tgt"], targets_d, neg_emb, neg_ids.to(self.device), cfg.loss.temperature
+                query, tgt_emb, targets_d, neg_emb, neg_ids.to(self.device), cfg.loss.temperature
             )
         loss = loss_sum * (world / max(1, num_global_positions))
         self.engine.backward(loss)
