@@ -8,7 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.models.losses import in_batch_softmax_loss, sample_negatives, sampled_softmax_loss
+from train.models.losses import (
+    full_softmax_loss,
+    in_batch_softmax_loss,
+    sample_negatives,
+    sampled_softmax_loss,
+)
 
 
 def unit(x):
@@ -74,6 +79,27 @@ def test_shared_negatives_match_brute_force():
         query, table[pos_ids], pos_ids, table[neg_ids].expand(9, -1, -1), neg_ids.expand(9, -1), 0.05
     )
     torch.testing.assert_close(loss, per_position)
+
+
+def test_full_softmax_matches_brute_force_and_shared_negatives_over_all_items():
+    query, table, pos_ids, _ = make_inputs(num_pos=9, num_items=7)
+    table.requires_grad_(True)
+    loss, count = full_softmax_loss(query, table[1:], pos_ids, temperature=0.05)
+    negatives = [[(i, table[i].detach()) for i in range(1, 8)]] * 9
+    assert count.item() == 9
+    assert loss.item() == pytest.approx(
+        brute_force_loss(query, table[pos_ids].detach(), pos_ids, negatives, 0.05), rel=1e-10
+    )
+    # Same value and same table gradient as the masked shared path with negatives 1..I.
+    (grad_full,) = torch.autograd.grad(loss, table)
+    all_ids = torch.arange(1, 8)
+    shared, _ = sampled_softmax_loss(query, table[pos_ids], pos_ids, table[all_ids], all_ids, 0.05)
+    (grad_shared,) = torch.autograd.grad(shared, table)
+    torch.testing.assert_close(loss, shared)
+    torch.testing.assert_close(grad_full, grad_shared)
+    # The table must hold items 1..I in id order: a shifted table gives another loss.
+    shifted, _ = full_softmax_loss(query, table[:-1], pos_ids, temperature=0.05)
+    assert abs(shifted.item() - loss.item()) > 1e-3
 
 
 def test_all_negatives_hit_gives_zero_loss_and_finite_gradients():

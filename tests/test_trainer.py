@@ -142,6 +142,30 @@ def test_mlflow_run_has_params_metrics_and_artifacts(synthetic_data, tmp_path):
     assert pngs, names
 
 
+def test_train_valid_protocol_trains_on_valid_rows_and_tests_the_last_model(synthetic_data, tmp_path):
+    """The reference protocol: train on every item but the test target, exact softmax, no selection."""
+    out = tmp_path / "train_valid"
+    args = [f"data.dir={synthetic_data}", *TINY_MODEL, "data.train_split=train_valid", "loss.negatives=full",
+            "run.epochs=2", "eval.every_epochs=1"]  # fmt: skip
+    proc = run_train(args, out, nproc=2)
+    manifest = json.loads((synthetic_data / "manifest.json").read_text())
+    valid = manifest["splits"]["valid"]
+    assert f"{valid['num_rows']} rows, {valid['num_interactions']} items of the valid split" in proc.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not any(k.startswith("valid/") for r in records for k in r)  # nothing held out to select on
+    curve = [r for r in records if "test/hr@10" in r]
+    assert len(curve) == 2
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["train_split"] == "train_valid" and final["best_step"] == -1
+    # The last model is tested: the final test equals the last point of the curve.
+    for key, value in final["test"].items():
+        assert curve[-1][f"test/{key}"] == pytest.approx(value, abs=1e-9), key
+    assert final["test"]["hr@10"] > final["popularity_test"]["hr@10"]  # it learned something
+    # Early stopping needs a held-out split: refused with the key named.
+    bad = run_train([*args, "eval.patience=3"], tmp_path / "bad", check=False)
+    assert bad.returncode == 2 and "eval.patience" in bad.stderr and "train_valid" in bad.stderr
+
+
 def test_user_errors_are_one_clear_line(synthetic_data, tmp_path):
     bad_key = run_train(["model.num_blockz=2"], tmp_path / "a", check=False)
     assert (

@@ -30,6 +30,12 @@ class DataConfig:
     # global batches are the same whatever the world size (every rank reads all row groups);
     # row_groups = whole row groups per rank (unbalanced; only for many row groups).
     partition: Literal["rows", "strided", "row_groups"] = "rows"
+    # Which split's rows train the model. train (default): every item but the last two of each user;
+    # valid is held out for early stopping and best-checkpoint selection. train_valid: train on the
+    # valid rows (every item but the test target), the protocol of the HSTU and SASRec reference
+    # code; nothing is held out for selection, so the last checkpoint is tested, early stopping is
+    # refused, and the periodic evaluations (on test) are a curve only, never used for a decision.
+    train_split: Literal["train", "train_valid"] = "train"
 
     def validate(self) -> None:
         for key in ("batch_size", "eval_batch_size"):
@@ -71,13 +77,15 @@ class LossConfig:
 
     # per_position: num_negatives fresh uniform negatives for every position (the HSTU reference);
     # shared: num_negatives uniform negatives shared by the whole global batch (much faster);
-    # in_batch: the other positions' targets are the negatives.
-    negatives: Literal["per_position", "shared", "in_batch"] = "shared"
+    # in_batch: the other positions' targets are the negatives;
+    # full: every item is a negative (the exact softmax; num_negatives is ignored). Each step looks up
+    # the whole table and builds [positions, items] logits, so keep it to catalogs of ~100K items.
+    negatives: Literal["per_position", "shared", "in_batch", "full"] = "shared"
     num_negatives: int = 512
     temperature: float = 0.05
 
     def validate(self) -> None:
-        if self.num_negatives < 1 and self.negatives != "in_batch":
+        if self.num_negatives < 1 and self.negatives in ("per_position", "shared"):
             raise ConfigError("loss.num_negatives", f"got {self.num_negatives}, expected >= 1")
         if self.temperature <= 0:
             raise ConfigError("loss.temperature", f"got {self.temperature}, expected > 0")
@@ -169,6 +177,14 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        if self.data.train_split == "train_valid" and self.eval.patience:
+            raise ConfigError(
+                "eval.patience",
+                f"got {self.eval.patience} with data.train_split=train_valid: early stopping needs a "
+                "held-out valid split; set eval.patience=0 or data.train_split=train",
+            )
 
 
 def load_train_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -43,7 +43,13 @@ from train.config import TrainConfig
 from train.distributed import DistInfo, all_reduce_sum
 from train.embeddings import build_item_table, gather_full_table, lookup
 from train.metrics import RetrievalMetrics, evaluate_popularity, rank_of_targets, topk_items
-from train.models import build_encoder, in_batch_softmax_loss, sample_negatives, sampled_softmax_loss
+from train.models import (
+    build_encoder,
+    full_softmax_loss,
+    in_batch_softmax_loss,
+    sample_negatives,
+    sampled_softmax_loss,
+)
 from train.reader import SequenceDataset, load_manifest
 from train.tracking import default_tags, make_tracker
 from train.zero import build_engine, deepspeed_config
@@ -125,8 +131,10 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical dense init on every rank
         encoder = build_encoder(cfg.model).to(self.device)
 
+        # train_valid trains on the valid rows (every item but the test target); see DataConfig.
+        train_split = "valid" if cfg.data.train_split == "train_valid" else "train"
         self.train_data = SequenceDataset(
-            cfg.data.dir, "train", cfg.data.batch_size // info.world_size, rank=info.rank,
+            cfg.data.dir, train_split, cfg.data.batch_size // info.world_size, rank=info.rank,
             world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
             seed=cfg.run.seed, partition=cfg.data.partition,
         )  # fmt: skip
@@ -190,6 +198,8 @@ class Trainer:
         if cfg.loss.negatives == "shared":  # same draw on every rank: one global set per step
             gen.manual_seed(cfg.run.seed * 7919 + self.step)
             neg_ids = sample_negatives(self.num_items, (cfg.loss.num_negatives,), gen)
+        elif cfg.loss.negatives == "full":  # every item: the exact softmax
+            neg_ids = torch.arange(1, self.num_items + 1, dtype=torch.long)
         elif cfg.loss.negatives == "per_position":
             gen.manual_seed(cfg.run.seed * 7919 + self.step * 1009 + self.info.rank)
             neg_ids = sample_negatives(self.num_items, (len(targets), cfg.loss.num_negatives), gen)
@@ -217,6 +227,8 @@ class Trainer:
         targets_d = targets.to(self.device)
         if cfg.loss.negatives == "in_batch":
             loss_sum, num = in_batch_softmax_loss(query, tgt_emb, targets_d, cfg.loss.temperature)
+        elif cfg.loss.negatives == "full":  # neg_emb holds items 1..I in id order
+            loss_sum, num = full_softmax_loss(query, neg_emb, targets_d, cfg.loss.temperature)
         else:
             loss_sum, num = sampled_softmax_loss(
                 query, tgt_emb, targets_d, neg_emb, neg_ids.to(self.device), cfg.loss.temperature
@@ -279,6 +291,7 @@ class Trainer:
             loader = iter(self.train_data.loader())
             bar = self._make_progress(self.steps_per_epoch)
             window_loss, window_pos, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
+            epoch_rows, epoch_tokens = 0, 0
             while True:
                 if max_steps and self.step >= max_steps:
                     break
@@ -299,6 +312,8 @@ class Trainer:
                 window_loss += out["loss_sum"]
                 window_pos += out["positions"]
                 window_tokens += int(batch.lengths.sum())
+                epoch_rows += len(batch.lengths)
+                epoch_tokens += int(batch.lengths.sum())
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{out['loss_sum'] / max(1, out['positions']):.4f}")
@@ -315,6 +330,9 @@ class Trainer:
                 self.save_checkpoint()
                 logger.info("stopping at run.max_steps=%d (mid-epoch); resume=auto continues", max_steps)
                 return {}
+            rows, tokens = all_reduce_sum([epoch_rows, epoch_tokens], self.device)
+            logger.info("epoch %d done: %d rows, %d items of the %s split (counted from the resume "
+                        "point if the epoch resumed mid-way)", self.epoch + 1, rows, tokens, self.train_data.split)  # fmt: skip
             self.epoch += 1
             self.batches_in_epoch = 0
             if self.epoch % cfg.eval.every_epochs == 0 or self.epoch == cfg.run.epochs:
@@ -353,7 +371,16 @@ class Trainer:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
 
     def _validate(self) -> bool:
-        """Evaluate on valid; track the best; return True when early stopping triggers."""
+        """Evaluate on valid; track the best; return True when early stopping triggers.
+
+        Under ``data.train_split=train_valid`` nothing is held out: this evaluates test for the curve
+        only (as the reference code does), tracks no best, and never stops early.
+        """
+        if self.cfg.data.train_split == "train_valid":
+            metrics = self.evaluate("test")
+            self._record({f"test/{k}": v for k, v in metrics.items()})
+            logger.info("epoch %d test (curve only, not used for selection): %s", self.epoch, _fmt(metrics))
+            return False
         metrics = self.evaluate("valid")
         self._record({f"valid/{k}": v for k, v in metrics.items()})
         logger.info("epoch %d valid: %s", self.epoch, _fmt(metrics))
@@ -534,6 +561,8 @@ class Trainer:
             "steps": self.step,
             "epochs": self.epoch,
             "loss": {"negatives": self.cfg.loss.negatives, "num_negatives": self.cfg.loss.num_negatives},
+            # train_valid: the valid rows were trained on, so "valid" is not held out.
+            "train_split": self.cfg.data.train_split,
         }
         logger.info("test: %s", _fmt(test))
         if self.info.is_main:

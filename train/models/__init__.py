@@ -12,7 +12,12 @@ from __future__ import annotations
 from train.models.config import ModelConfig
 from train.models.hstu import HSTU, time_buckets
 from train.models.jagged import SequenceEncoder
-from train.models.losses import in_batch_softmax_loss, sample_negatives, sampled_softmax_loss
+from train.models.losses import (
+    full_softmax_loss,
+    in_batch_softmax_loss,
+    sample_negatives,
+    sampled_softmax_loss,
+)
 from train.models.sasrec import SASRec
 
 __all__ = [
@@ -21,6 +26,7 @@ __all__ = [
     "SASRec",
     "SequenceEncoder",
     "build_encoder",
+    "full_softmax_loss",
     "in_batch_softmax_loss",
     "sample_negatives",
     "sampled_softmax_loss",

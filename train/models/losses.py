@@ -15,7 +15,10 @@ Two ways to get negatives:
   embedding lookups; popular items are over-represented as negatives, and no logQ correction is
   applied here).
 
-Both return ``(sum of per-position losses, number of positions)`` so that the trainer can average
+- ``full_softmax_loss``: every item is a negative (the exact softmax): one ``[N, I]`` matmul and a
+  cross-entropy, no sampling; affordable for catalogs up to ~100K items.
+
+All return ``(sum of per-position losses, number of positions)`` so that the trainer can average
 over all positions of all ranks: ``all_reduce(sum) / all_reduce(count)``.
 
 Shape legend: N supervised positions, K negatives, D embedding dim.
@@ -133,3 +136,22 @@ def in_batch_softmax_loss(
     targets_N = torch.arange(num_pos, device=query.device)
     loss_sum = F.cross_entropy(logits_NN, targets_N, reduction="sum")
     return loss_sum, torch.tensor(num_pos, dtype=torch.int64, device=query.device)
+
+
+def full_softmax_loss(
+    query: Tensor, item_emb: Tensor, pos_ids: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """Exact softmax over all items: ``item_emb`` ``[I, D]`` holds items ``1..I`` in id order.
+
+    Equals ``sampled_softmax_loss`` with shared negatives ``1..I`` (where the target's own column is
+    the masked accidental hit), without the mask and the concatenation: on ML-1M the ``[N, I]``
+    logits are the largest tensors of the step. ``query`` ``[N, D]`` must be L2-normalised.
+    Returns (sum of the N losses, N).
+    """
+    _check_common(query, query, pos_ids, temperature)
+    if item_emb.dim() != 2 or item_emb.shape[1] != query.shape[1]:
+        raise ValueError(f"item_emb: expected [I, D={query.shape[1]}], got {tuple(item_emb.shape)}")
+    scaled_ID = F.normalize(item_emb, dim=-1, eps=L2_NORM_EPS) / temperature
+    logits_NI = query @ scaled_ID.T
+    loss_sum = F.cross_entropy(logits_NI, pos_ids - 1, reduction="sum")
+    return loss_sum, torch.tensor(query.shape[0], dtype=torch.int64, device=query.device)
