@@ -365,10 +365,7 @@ class HSTU(SequenceEncoder):
     ) -> Tensor:
         """Padded reference path: ``[B, N, D]`` activations, explicit masks; same parameters and outputs."""
         self.check_inputs(item_emb, seq_offsets, max_seq_len, timestamps)
-        x_BND = pad_jagged(self.embed_inputs(item_emb, seq_offsets), seq_offsets, max_seq_len)
-        positions_N = torch.arange(max_seq_len, device=item_emb.device)
-        valid_BN = positions_N[None, :] < seq_lengths(seq_offsets)[:, None]
-        causal_NN = positions_N[None, :] <= positions_N[:, None]
+        x_BND, valid_BN, causal_NN = self.pad_inputs(item_emb, seq_offsets, max_seq_len)
         mask_BNN = causal_NN[None] & valid_BN[:, :, None] & valid_BN[:, None, :]
         distances_NN = relative_distances(max_seq_len, self.cfg.max_seq_len, item_emb.device)
         time_index_BNN = None

@@ -110,6 +110,15 @@ class SequenceEncoder(nn.Module):
         x_TD = item_emb_TD * math.sqrt(self.embedding_dim) + self.pos_emb(positions_T)
         return self.input_dropout(x_TD)
 
+    def pad_inputs(self, item_emb_TD: Tensor, seq_offsets_B1: Tensor, max_seq_len: int):
+        """Padded-path preamble: embedded inputs ``[B, N, D]``, ``valid_BN`` (real rows) and ``causal_NN``
+        (``causal[q, k]``: key k is not after query q)."""
+        x_BND = pad_jagged(self.embed_inputs(item_emb_TD, seq_offsets_B1), seq_offsets_B1, max_seq_len)
+        positions_N = torch.arange(max_seq_len, device=item_emb_TD.device)
+        valid_BN = positions_N[None, :] < seq_lengths(seq_offsets_B1)[:, None]
+        causal_NN = positions_N[None, :] <= positions_N[:, None]
+        return x_BND, valid_BN, causal_NN
+
     @staticmethod
     def normalize_outputs(x_TD: Tensor) -> Tensor:
         """L2-normalise every output row (the loss and retrieval use cosine similarity)."""

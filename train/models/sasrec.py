@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from train.models.config import ModelConfig
-from train.models.jagged import SequenceEncoder, pad_jagged, seq_lengths, unpad_jagged
+from train.models.jagged import SequenceEncoder, unpad_jagged
 
 LAYER_NORM_EPS = 1e-8
 
@@ -127,10 +127,7 @@ class SASRec(SequenceEncoder):
     ) -> Tensor:
         """Padded reference path: ``[B, N, D]`` activations, explicit masks."""
         self.check_inputs(item_emb, seq_offsets, max_seq_len, timestamps)
-        x_BND = pad_jagged(self.embed_inputs(item_emb, seq_offsets), seq_offsets, max_seq_len)
-        positions_N = torch.arange(max_seq_len, device=item_emb.device)
-        valid_BN = positions_N[None, :] < seq_lengths(seq_offsets)[:, None]
-        causal_NN = positions_N[None, :] <= positions_N[:, None]
+        x_BND, valid_BN, causal_NN = self.pad_inputs(item_emb, seq_offsets, max_seq_len)
         # Real rows attend to real, earlier keys. Padding rows keep the plain causal mask so that no
         # softmax row is empty (which would give NaN); their outputs are zeroed below.
         mask_BNN = causal_NN[None] & (valid_BN[:, None, :] | ~valid_BN[:, :, None])
