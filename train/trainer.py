@@ -416,7 +416,9 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str, predictions_path: Path | None = None) -> dict:
         """Retrieval over all items (history excluded) for every user of ``split``, over all ranks."""
-        table_ID = F.normalize(gather_full_table(self.table, self.device).float(), dim=-1)
+        # Inputs take the raw rows, as in training; scores use the L2-normalised rows, as the loss does.
+        raw_ID = gather_full_table(self.table, self.device).float()
+        table_ID = F.normalize(raw_ID, dim=-1)
         encoder = self._eval_encoder()
         data = SequenceDataset(
             self.cfg.data.dir, split, self.cfg.data.eval_batch_size // self.info.world_size,
@@ -433,7 +435,7 @@ class Trainer:
             input_ids_d, offsets_d = input_ids.to(self.device), offsets.to(self.device)
             max_len = int((offsets[1:] - offsets[:-1]).max())
             query_TD = encoder(
-                table_ID[input_ids_d], offsets_d, max_len, None if ts is None else ts.to(self.device)
+                raw_ID[input_ids_d], offsets_d, max_len, None if ts is None else ts.to(self.device)
             )
             query_BD = query_TD[offsets_d[1:] - 1]
             scores_BI = query_BD @ table_ID.T
