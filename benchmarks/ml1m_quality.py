@@ -3,11 +3,13 @@
     python benchmarks/ml1m_quality.py                       # all three, each config's epochs
     python benchmarks/ml1m_quality.py --models hstu --epochs 40 --nproc 2
     python benchmarks/ml1m_quality.py --report-only         # table from finished runs in runs/
+    python benchmarks/ml1m_quality.py --report-only --run hstu=runs/hstu_full_tv   # any run directory
 
 Prepares ../shared/data/ml-1m with configs/data/ml1m.yaml when data/prepared/ml1m is missing, runs
 ``torchrun -m train`` per model (output in runs/<model>_ml1m), then prints HR@10/50/200,
 NDCG@10/50/200 and MRR of each test set beside the HSTU repository's published rows, the negatives
-scheme each run used, its epochs and wall time. Writes benchmarks/results/ml1m_quality.json.
+scheme and training split each run used, its epochs and wall time, and (for runs that keep a test
+curve, ``data.train_split=train_valid``) when the curve first reached the published HR@10. Writes benchmarks/results/ml1m_quality.json.
 """
 
 from __future__ import annotations
@@ -38,25 +40,59 @@ def run_model(name: str, nproc: int, overrides: list[str]) -> dict:
     return {"seconds": time.perf_counter() - t0}
 
 
-def report(names: list[str]) -> list[dict]:
+def time_to(run_dir: Path, key: str, target: float) -> tuple[float | None, int | None]:
+    """(elapsed seconds, epoch) of the first test-curve point at or above ``target``, from metrics.jsonl.
+
+    Only ``data.train_split=train_valid`` runs evaluate test during training (as a curve, never for
+    selection); other runs have no test curve and give (None, None).
+    """
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None, None
+    epoch = None
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        epoch = rec.get("train/epoch", epoch)
+        if rec.get(f"test/{key}", -1.0) >= target and "elapsed_s" in rec:
+            return rec["elapsed_s"], round(epoch) if epoch is not None else None
+    return None, None
+
+
+def report(runs: list[tuple[str, Path]]) -> list[dict]:
+    """One row per finished run (model name, run dir) plus the published row of each model."""
     rows = []
-    for name in names:
-        path = ROOT / "runs" / f"{name}_ml1m" / "final_metrics.json"
-        if path.is_file():
+    for name in dict.fromkeys(name for name, _ in runs):
+        for model, run_dir in runs:
+            path = run_dir / "final_metrics.json"
+            if model != name or not path.is_file():
+                continue
             final = json.loads(path.read_text())
-            rows.append({"model": name, "source": "ours", **{k: final["test"][k] for k in KEYS},
-                         "epochs": final.get("epochs"), "negatives": final.get("loss")})  # fmt: skip
+            seconds, epoch = time_to(run_dir, "hr@10", PUBLISHED[name]["hr@10"])
+            rows.append({"model": name, "source": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
+                         else str(run_dir), **{k: final["test"][k] for k in KEYS},
+                         "epochs": final.get("epochs"), "negatives": final.get("loss"),
+                         "train_split": final.get("train_split", "train"), "elapsed_s": final.get("elapsed_s"),
+                         "published_hr@10_reached_s": seconds, "published_hr@10_reached_epoch": epoch})  # fmt: skip
         rows.append({"model": name, "source": "published", **PUBLISHED[name]})
-    header = f"{'model':11s} {'source':9s} " + " ".join(f"{k:>8s}" for k in KEYS) + "  notes"
+    width = max(len(r["source"]) for r in rows)
+    header = f"{'model':11s} {'source':{width}s} " + " ".join(f"{k:>8s}" for k in KEYS) + "  notes"
     print(header)
     print("-" * len(header))
     for r in rows:
         cells = " ".join(f"{r[k]:8.4f}" if k in r else f"{'':8s}" for k in KEYS)
         notes = ""
-        if r["source"] == "ours":
+        if r["source"] != "published":
             neg = r["negatives"] or {}
-            notes = f"epochs={r['epochs']} negatives={neg.get('negatives')}({neg.get('num_negatives')})"
-        print(f"{r['model']:11s} {r['source']:9s} {cells}  {notes}")
+            count = "" if neg.get("negatives") in ("full", "in_batch") else f"({neg.get('num_negatives')})"
+            notes = (
+                f"epochs={r['epochs']} negatives={neg.get('negatives')}{count} train_split={r['train_split']}"
+            )
+            if r["elapsed_s"]:
+                notes += f" time={r['elapsed_s'] / 60:.0f}min"
+            if r["published_hr@10_reached_s"] is not None:
+                notes += (f" published HR@10 reached at epoch {r['published_hr@10_reached_epoch']}, "
+                          f"{r['published_hr@10_reached_s'] / 60:.0f}min")  # fmt: skip
+        print(f"{r['model']:11s} {r['source']:{width}s} {cells}  {notes}")
     return rows
 
 
@@ -66,6 +102,8 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=None, help="override run.epochs")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--run", action="append", default=[], metavar="MODEL=DIR",
+                        help="also report this run directory as MODEL (sasrec, hstu, hstu_large)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="extra trainer overrides, key.sub=value")
     args = parser.parse_args()
     os.chdir(ROOT)
@@ -76,7 +114,13 @@ def main() -> int:
         extra = list(args.overrides) + ([f"run.epochs={args.epochs}"] if args.epochs else [])
         for name in args.models:
             run_model(name, args.nproc, extra)
-    rows = report(args.models)
+    runs = [(name, ROOT / "runs" / f"{name}_ml1m") for name in args.models]
+    for item in args.run:
+        model, _, run_dir = item.partition("=")
+        if model not in PUBLISHED or not run_dir:
+            parser.error(f"--run {item}: expected MODEL=DIR with MODEL one of {', '.join(PUBLISHED)}")
+        runs.append((model, Path(run_dir).resolve()))
+    rows = report(runs)
     out = ROOT / "benchmarks" / "results" / "ml1m_quality.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))

@@ -157,6 +157,8 @@ def test_train_valid_protocol_trains_on_valid_rows_and_tests_the_last_model(synt
     assert len(curve) == 2
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["train_split"] == "train_valid" and final["best_step"] == -1
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed) and 0 < elapsed[-1] <= final["elapsed_s"]
     # The last model is tested: the final test equals the last point of the curve.
     for key, value in final["test"].items():
         assert curve[-1][f"test/{key}"] == pytest.approx(value, abs=1e-9), key

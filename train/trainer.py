@@ -152,6 +152,9 @@ class Trainer:
         self.best_step = -1
         self.evals_without_improvement = 0
         self.history: list[dict] = []
+        # Wall time spent in this run, carried across resumes (up to the checkpoint resumed from).
+        self.elapsed_s = 0.0
+        self._clock_start = time.perf_counter()
         self.last_grad_norm: float | None = None
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -365,10 +368,15 @@ class Trainer:
     def _record(self, metrics: dict) -> None:
         """Log to MLflow and append to ``<output_dir>/metrics.jsonl`` (rank 0), one JSON line per call."""
         self.tracker.log_metrics(metrics, step=self.step)
-        self.history.append({"step": self.step, **metrics})
+        record = {"step": self.step, "elapsed_s": round(self.elapsed(), 3), **metrics}
+        self.history.append(record)
         if self.info.is_main:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **metrics}) + "\n")
+                f.write(json.dumps(record) + "\n")
+
+    def elapsed(self) -> float:
+        """Seconds of this run so far (setup, training and evaluation), summed over resumed jobs."""
+        return self.elapsed_s + time.perf_counter() - self._clock_start
 
     def _validate(self) -> bool:
         """Evaluate on valid; track the best; return True when early stopping triggers.
@@ -496,11 +504,13 @@ class Trainer:
             "best_step": self.best_step,
             "evals_without_improvement": self.evals_without_improvement,
             "history": self.history,
+            "elapsed_s": self.elapsed(),
         }
 
     def load_trainer_state(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+        self._clock_start = time.perf_counter()
 
     def checkpoint_meta(self) -> dict:
         m = self.cfg.model
@@ -562,6 +572,7 @@ class Trainer:
             "best_step": self.best_step,
             "steps": self.step,
             "epochs": self.epoch,
+            "elapsed_s": self.elapsed(),
             "loss": {"negatives": self.cfg.loss.negatives, "num_negatives": self.cfg.loss.num_negatives},
             # train_valid: the valid rows were trained on, so "valid" is not held out.
             "train_split": self.cfg.data.train_split,
