@@ -32,16 +32,42 @@ def test_sharded_equals_single_process(train_runs):
     # under column_wise sharding it is a (slightly) different optimizer by construction.
     exact = [*EXACT, "embeddings.optimizer=adagrad"]
     single = train_runs([*exact, "embeddings.sharding_type=table_wise"], nproc=1)
-    for sharding in ("row_wise", "table_wise", "column_wise"):
+    for sharding in ("row_wise", "table_wise", "column_wise", "data_parallel"):
         extra = ["embeddings.min_partition=16"] if sharding == "column_wise" else []
         sharded = train_runs([*exact, f"embeddings.sharding_type={sharding}", *extra], nproc=2)
         plan = (sharded.output_dir / "sharding_plan.txt").read_text()
         assert sharding in plan
-        if sharding != "table_wise":  # row- and column-wise really split the table over both ranks
+        if sharding in ("row_wise", "column_wise"):  # these really split the table over both ranks
             assert "rank:0" in plan and "rank:1" in plan, plan
         assert_same_losses(single.losses, sharded.losses)
         for split in ("valid", "test"):
             assert sharded.final[split]["hr@10"] == pytest.approx(single.final[split]["hr@10"], abs=0.01)
+
+
+def test_data_parallel_adam_table_resumes_exactly(train_runs, synthetic_data, tmp_path):
+    """A replicated table with a plain torch Adam (the reference's table optimizer, CPU included):
+    stopped mid-epoch and resumed, it follows the uninterrupted run, so Adam's moments were saved."""
+    args = [
+        *EXACT,
+        "embeddings.sharding_type=data_parallel",
+        "embeddings.optimizer=adam",
+        "embeddings.lr=0.001",
+    ]
+    full = train_runs(args, nproc=2)
+    assert "data_parallel" in (full.output_dir / "sharding_plan.txt").read_text()
+    out = tmp_path / "resumed"
+    common = [f"data.dir={synthetic_data}", *TINY_MODEL, *args]
+    stop = max(full.losses) // 2 + 3  # mid-epoch
+    run_train([*common, f"run.max_steps={stop}"], out, nproc=2)
+    run_train(common, out, nproc=2)
+    resumed = json.loads((out / "final_metrics.json").read_text())
+    losses = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "train/loss" in rec:
+            losses[rec["step"]] = rec["train/loss"]
+    assert_same_losses(full.losses, losses, rtol=1e-6)
+    assert resumed["test"] == full.final["test"]
 
 
 def test_zero_stages_give_the_same_trajectory(train_runs):
@@ -49,6 +75,12 @@ def test_zero_stages_give_the_same_trajectory(train_runs):
     for stage in (1, 2, 3):
         other = train_runs([*EXACT, f"zero.stage={stage}"], nproc=2)
         assert_same_losses(base.losses, other.losses)
+        # The test model is the best-valid checkpoint, reloaded (also under ZeRO-3's partitioned
+        # weights): its valid metrics are the ones recorded when it was the current model.
+        final = other.final
+        records = [json.loads(line) for line in (other.output_dir / "metrics.jsonl").read_text().splitlines()]
+        at_best = next(r for r in records if r["step"] == final["best_step"] and "valid/mrr" in r)
+        assert final["valid"]["mrr"] == pytest.approx(at_best["valid/mrr"], abs=1e-6), stage
 
 
 def test_killed_and_resumed_equals_uninterrupted(train_runs, synthetic_data, tmp_path):

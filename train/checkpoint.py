@@ -4,7 +4,7 @@ Layout of one checkpoint::
 
     checkpoints/step_00001234/
         meta.json               model shape, world size, ... (checked on load)
-        sparse/                 DCP: item table shards + fused optimizer state (reshardable)
+        sparse/                 DCP: item table shards + their optimizer state (reshardable)
         dense/dense/            DeepSpeed engine: encoder, optimizer, LR scheduler (ZeRO partitions)
         trainer_rank{r}.pt      loop state: step, epoch, reader position, best metric, history
 
@@ -37,7 +37,7 @@ _PREFIX = "step_"
 
 
 def _sparse_state(table: ShardedItemTable) -> dict:
-    return {"model": table.module.state_dict(), "optim": table.module.fused_optimizer.state_dict()}
+    return {"model": table.module.state_dict(), "optim": table.optimizer.state_dict()}
 
 
 class CheckpointManager:
@@ -73,7 +73,9 @@ class CheckpointManager:
             tmp.mkdir()
         dist.barrier()
         dcp.save(_sparse_state(table), checkpoint_id=str(tmp / "sparse"))
-        engine.save_checkpoint(str(tmp / "dense"), tag="dense", save_latest=False)
+        # save_latest: DeepSpeed's ZeRO-3 module-only load (best checkpoint, other world size) ignores
+        # the tag and reads dense/latest (deepspeed 0.19 engine._load_checkpoint).
+        engine.save_checkpoint(str(tmp / "dense"), tag="dense", save_latest=True)
         torch.save(trainer_state, tmp / f"trainer_rank{rank}.pt")
         dist.barrier()
         if rank == 0:
@@ -116,10 +118,12 @@ class CheckpointManager:
                     f"checkpoint {path} is of another model: {key}={saved.get(key)!r} there, {meta.get(key)!r} in "
                     "this config. Point run.output_dir at a fresh directory, or set run.resume=never."
                 )
+        if table.data_parallel:
+            table.optimizer.init_state()  # torch optimizers create their state lazily; DCP loads in place
         state = _sparse_state(table)
         dcp.load(state, checkpoint_id=str(path / "sparse"))
         table.module.load_state_dict(state["model"])
-        table.module.fused_optimizer.load_state_dict(state["optim"])
+        table.optimizer.load_state_dict(state["optim"])
         same_layout = saved.get("world_size") == meta.get("world_size") and saved.get(
             "zero_stage"
         ) == meta.get("zero_stage")

@@ -49,13 +49,18 @@ class DataConfig:
 class EmbeddingTableConfig:
     """The item embedding table: a TorchRec ``EmbeddingCollection`` sharded by ``DistributedModelParallel``."""
 
-    # data_parallel is not offered: its gradients would be reduced by a DDP wrapper, while this
-    # trainer reduces dense gradients once, in DeepSpeed.
-    sharding_type: Literal["row_wise", "table_wise", "column_wise", "table_row_wise"] = "row_wise"
-    compute_kernel: Literal["fused", "fused_uvm", "fused_uvm_caching"] = "fused"
-    # Fused in backward by fbgemm. fbgemm's CPU kernels support rowwise_adagrad, adagrad and sgd;
-    # adam is CUDA only. Under column_wise sharding, rowwise_adagrad keeps one accumulator per row
-    # and column shard, so it differs slightly from the unsharded optimizer (adagrad and sgd do not).
+    # Model parallel (row_wise, table_wise, column_wise, table_row_wise): each rank holds a part,
+    # the optimizer is fused in backward. data_parallel: every rank holds the whole table, TorchRec's
+    # DDP averages its gradients, and a torch optimizer steps it after backward (train/embeddings.py).
+    sharding_type: Literal["row_wise", "table_wise", "column_wise", "table_row_wise", "data_parallel"] = (
+        "row_wise"
+    )
+    # auto: fused for model-parallel sharding, dense for data_parallel (the only kernel TorchRec has for it).
+    compute_kernel: Literal["auto", "fused", "fused_uvm", "fused_uvm_caching", "dense"] = "auto"
+    # fbgemm's fused CPU kernels support rowwise_adagrad, adagrad and sgd; fused adam is CUDA only.
+    # data_parallel tables take any of the four on any device (adam: the reference's table optimizer).
+    # Under column_wise sharding, rowwise_adagrad keeps one accumulator per row and column shard, so
+    # it differs slightly from the unsharded optimizer (adagrad and sgd do not).
     optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     lr: float = 0.05
     eps: float = 1e-8
@@ -69,6 +74,13 @@ class EmbeddingTableConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError("embeddings.lr", f"got {self.lr}, expected > 0")
+        data_parallel = self.sharding_type == "data_parallel"
+        if self.compute_kernel != "auto" and data_parallel != (self.compute_kernel == "dense"):
+            raise ConfigError(
+                "embeddings.compute_kernel",
+                f"got {self.compute_kernel} with sharding_type={self.sharding_type}: data_parallel takes the "
+                "dense kernel, model-parallel sharding a fused one; auto picks the right one",
+            )
 
 
 @dataclass

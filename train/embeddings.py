@@ -1,9 +1,19 @@
 """The sparse side: the item embedding table as a TorchRec ``EmbeddingCollection``.
 
-Built on the meta device, given its optimizer (fused into the backward pass by fbgemm) with
-``apply_optimizer_in_backward``, planned by ``EmbeddingShardingPlanner`` under constraints generated
-from the config, and sharded by ``DistributedModelParallel``. Only the table lives in DMP: the dense
-encoder is a DeepSpeed engine (``train/zero.py``), so dense gradients are reduced once, by DeepSpeed.
+Built on the meta device, given its optimizer with ``apply_optimizer_in_backward``, planned by
+``EmbeddingShardingPlanner`` under constraints generated from the config, and sharded by
+``DistributedModelParallel``. Only the table lives in DMP: the dense encoder is a DeepSpeed engine
+(``train/zero.py``), so dense-model gradients are reduced once, by DeepSpeed.
+
+Two kinds of sharding:
+
+- model parallel (row_wise, table_wise, column_wise, table_row_wise): each rank holds a part of the
+  table; the ``fused`` kernels (fbgemm) apply the optimizer inside the backward pass, and TorchRec
+  *sums* the gradients arriving from all ranks;
+- data_parallel: every rank holds the whole table (``dense`` kernel). TorchRec wraps its lookup in
+  DDP, which *averages* the table's gradients over ranks in backward; the optimizer is a plain torch
+  optimizer stepped after backward (``ShardedItemTable.step``), so Adam works on CPU too, and, as in
+  the HSTU reference, it updates every row (its moments decay even for rows absent from the batch).
 
 One table (``item_table``) with one feature, ``item_ids``. The trainer looks up each id of a
 step once (the unique ids of inputs, targets and negatives together) and indexes the result
@@ -19,12 +29,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from cluster.config import ConfigError
@@ -47,16 +59,39 @@ class ShardedItemTable:
     num_embeddings: int
     embedding_dim: int  # what the model sees
     table_dim: int  # stored width: fbgemm needs a multiple of 4 (e.g. the paper's 50 is stored as 52)
+    # data_parallel only: the optimizer stepped after backward (model-parallel tables are fused).
+    replicated_optimizer: KeyedOptimizerWrapper | None = None
+
+    @property
+    def data_parallel(self) -> bool:
+        return self.replicated_optimizer is not None
+
+    @property
+    def optimizer(self) -> KeyedOptimizer:
+        """The table's optimizer, keyed by parameter name (for checkpoints)."""
+        return self.replicated_optimizer or self.module.fused_optimizer
+
+    @property
+    def grad_sum_over_ranks(self) -> bool:
+        """True when the table's gradient is the sum over ranks (model parallel), False when DDP averages."""
+        return not self.data_parallel
+
+    def step(self) -> None:
+        """After backward: step a data_parallel table's optimizer (fused tables already stepped)."""
+        if self.replicated_optimizer is not None:
+            self.replicated_optimizer.step()
+            self.replicated_optimizer.zero_grad(set_to_none=True)
 
     def plan_text(self) -> str:
         return str(self.plan)
 
 
 def _optimizer(cfg: EmbeddingTableConfig, device: torch.device) -> tuple[type, dict]:
-    if cfg.optimizer == "adam" and device.type != "cuda":
+    if cfg.optimizer == "adam" and device.type != "cuda" and cfg.sharding_type != "data_parallel":
         raise ConfigError(
             "embeddings.optimizer",
-            "fbgemm's fused Adam runs on CUDA only; on CPU use rowwise_adagrad, adagrad or sgd",
+            "fbgemm's fused Adam runs on CUDA only; on CPU use rowwise_adagrad, adagrad or sgd, or "
+            "embeddings.sharding_type=data_parallel (a replicated table with a plain torch Adam)",
         )
     if cfg.optimizer == "rowwise_adagrad":
         return RowWiseAdagrad, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
@@ -82,16 +117,19 @@ def build_item_table(
         device=torch.device("meta"),
     )
     opt_cls, opt_kwargs = _optimizer(cfg, device)
-    apply_optimizer_in_backward(opt_cls, ec.parameters(), opt_kwargs)
+    data_parallel = cfg.sharding_type == "data_parallel"
+    if not data_parallel:
+        apply_optimizer_in_backward(opt_cls, ec.parameters(), opt_kwargs)
+    kernel = cfg.compute_kernel
+    if kernel == "auto":
+        kernel = "dense" if data_parallel else "fused"
 
     world_size = dist.get_world_size()
     topology_kwargs = {"world_size": world_size, "compute_device": device.type}
     if cfg.memory_cap_gib is not None:
         cap = int(cfg.memory_cap_gib * 1024**3)
         topology_kwargs["hbm_cap" if device.type == "cuda" else "ddr_cap"] = cap
-    constraint = ParameterConstraints(
-        sharding_types=[cfg.sharding_type], compute_kernels=[cfg.compute_kernel]
-    )
+    constraint = ParameterConstraints(sharding_types=[cfg.sharding_type], compute_kernels=[kernel])
     if cfg.min_partition is not None:
         constraint.min_partition = cfg.min_partition
     planner = EmbeddingShardingPlanner(topology=Topology(**topology_kwargs), constraints={TABLE: constraint})
@@ -102,13 +140,17 @@ def build_item_table(
     except RuntimeError as exc:
         raise ConfigError(
             "embeddings.sharding_type",
-            f"TorchRec found no plan for {cfg.sharding_type}/{cfg.compute_kernel} on {device.type} "
+            f"TorchRec found no plan for {cfg.sharding_type}/{kernel} on {device.type} "
             f"({num_embeddings} x {embedding_dim}, world size {world_size}): {exc}",
         ) from None
     module = DistributedModelParallel(
         ec, env=ShardingEnv.from_process_group(pg), plan=plan, sharders=[sharder], device=device
     )
-    table = ShardedItemTable(module, plan, num_embeddings, embedding_dim, table_dim)
+    replicated_optimizer = None
+    if data_parallel:
+        params = dict(module.named_parameters())
+        replicated_optimizer = KeyedOptimizerWrapper(params, lambda ps: opt_cls(ps, **opt_kwargs))
+    table = ShardedItemTable(module, plan, num_embeddings, embedding_dim, table_dim, replicated_optimizer)
     init_table_(table, cfg.init_std, seed)
     return table
 
@@ -123,8 +165,11 @@ def init_table_(table: ShardedItemTable, std: float, seed: int) -> None:
     """
     weight = table.module.state_dict()[WEIGHT_KEY]
     dim = table.table_dim
-    for shard in weight.local_shards():
-        (row0, col0), (num_rows, num_cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+    if isinstance(weight, ShardedTensor):
+        shards = [(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in weight.local_shards()]
+    else:  # data_parallel: the whole table on every rank
+        shards = [(weight, (0, 0), tuple(weight.shape))]
+    for tensor, (row0, col0), (num_rows, num_cols) in shards:
         first_chunk, last_chunk = row0 // _INIT_CHUNK_ROWS, (row0 + num_rows - 1) // _INIT_CHUNK_ROWS
         for chunk in range(first_chunk, last_chunk + 1):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
@@ -132,7 +177,7 @@ def init_table_(table: ShardedItemTable, std: float, seed: int) -> None:
             rows = min(_INIT_CHUNK_ROWS, table.num_embeddings - chunk_start)
             values = torch.randn(rows, dim, generator=gen) * std
             lo, hi = max(row0, chunk_start), min(row0 + num_rows, chunk_start + rows)
-            shard.tensor[lo - row0 : hi - row0].copy_(
+            tensor[lo - row0 : hi - row0].copy_(
                 values[lo - chunk_start : hi - chunk_start, col0 : col0 + num_cols]
             )
 
@@ -143,7 +188,13 @@ def lookup(table: ShardedItemTable, ids: Tensor, device: torch.device) -> Tensor
     The stored padding columns are cut off, so they get no gradient. This is a collective: every
     rank must call it the same number of times (each with its own ids).
     """
-    kjt = KeyedJaggedTensor(keys=FEATURES, values=ids, lengths=torch.tensor([len(ids)])).to(device)
+    # One sequence of all ids; for data_parallel one sequence per id, because TorchRec's dense kernel
+    # for an EmbeddingCollection returns one row per sequence on CPU (a sum) instead of one per id.
+    if table.data_parallel:
+        lengths = torch.ones(len(ids), dtype=torch.long)
+    else:
+        lengths = torch.tensor([len(ids)])
+    kjt = KeyedJaggedTensor(keys=FEATURES, values=ids, lengths=lengths).to(device)
     return table.module(kjt)[FEATURES[0]].values()[:, : table.embedding_dim]
 
 
@@ -154,6 +205,9 @@ def gather_full_table(table: ShardedItemTable, device: torch.device, chunk_rows:
     Each rank looks up an equal slice of the ids through the sharded module (works for every sharding
     type), then the slices are all-gathered.
     """
+    if table.data_parallel:  # every rank already holds it
+        weight = table.module.state_dict()[WEIGHT_KEY]
+        return weight[:, : table.embedding_dim].detach().clone().to(device)
     world, rank = dist.get_world_size(), dist.get_rank()
     per_rank = -(-table.num_embeddings // world)
     start = rank * per_rank

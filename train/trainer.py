@@ -7,8 +7,9 @@ Gradient bookkeeping (the one subtle part). Each rank's loss is ``sum of its pos
 world_size / global positions``: DeepSpeed averages dense gradients over ranks, which turns that into
 the mean over all positions of the global batch. TorchRec *sums* the table gradients arriving from
 every rank, so the lookups pass through ``_ScaleGrad(grad_accum / world_size)`` to get the same mean
-(and undo DeepSpeed's 1/grad_accum). Hence one global objective whatever the world size, which
-the sharded-vs-single-process test checks.
+(and undo DeepSpeed's 1/grad_accum). A data_parallel table is different: TorchRec's DDP *averages*
+its gradients, so only the grad_accum factor applies. Hence one global objective whatever the world
+size and sharding, which the sharded-vs-single-process test checks.
 
 Randomness (negatives, dropout) is a function of (seed, step, rank), so a resumed run draws exactly
 what the uninterrupted run would have drawn.
@@ -212,7 +213,8 @@ class Trainer:
         unique_ids, inverse = torch.unique(
             torch.cat([input_ids, targets, neg_ids.reshape(-1)]), return_inverse=True
         )
-        sparse_scale = cfg.optim.grad_accum_steps / world
+        # Model-parallel tables sum the ranks' gradients (so divide by world); DDP averages data_parallel ones.
+        sparse_scale = cfg.optim.grad_accum_steps / (world if self.table.grad_sum_over_ranks else 1)
         if self.ds_config["fp16"]["enabled"]:
             sparse_scale /= float(getattr(self.engine.optimizer, "cur_scale", 1.0))
         emb_UD = _ScaleGrad.apply(lookup(self.table, unique_ids, self.device), sparse_scale)
@@ -246,6 +248,7 @@ class Trainer:
                 torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             )
         self.engine.step()
+        self.table.step()
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         self.last_grad_norm = None if grad_norm is None else float(grad_norm)
