@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 _configured = False
 # Libraries whose INFO lines (kernel loading, per-table optimizer dumps) drown the training log.
@@ -41,4 +42,9 @@ def setup_logging(level: str | None = None) -> None:
     root.setLevel(level)
     for noisy in ("urllib3", "filelock", "matplotlib", "alembic", "numexpr"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # TorchRec's data_parallel kernel calls an fbgemm op without an autograd registration; torch warns
+    # on every process, yet the gradient is right (tests/test_trainer.py compares it with the unsharded run).
+    warnings.filterwarnings(
+        "ignore", message=r"fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel"
+    )
     _configured = True

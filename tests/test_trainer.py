@@ -12,6 +12,7 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from tests.conftest import TINY_MODEL, run_train
 
@@ -246,8 +247,11 @@ def test_checkpoint_resumes_on_another_world_size(train_runs, synthetic_data, tm
     args = [*EXACT, "zero.stage=2"]
     run = train_runs(args, nproc=2)
     ckpt = run.output_dir / "checkpoints" / f"step_{run.final['best_step']:08d}"
+    epoch = torch.load(ckpt / "trainer_rank0.pt", weights_only=False)["epoch"]
     out = tmp_path / "one_process"
-    proc = run_train([f"data.dir={synthetic_data}", *TINY_MODEL, *args, f"run.resume={ckpt}"], out, nproc=1)
+    # run.epochs = the checkpoint's epoch: no more training, only the final evaluation of that model.
+    proc = run_train([f"data.dir={synthetic_data}", *TINY_MODEL, *args, f"run.resume={ckpt}", f"run.epochs={epoch}"],
+                     out, nproc=1)  # fmt: skip
     assert "resharded" in proc.stderr
     final = json.loads((out / "final_metrics.json").read_text())
     for split in ("valid", "test"):

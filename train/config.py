@@ -64,6 +64,7 @@ class EmbeddingTableConfig:
     optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     lr: float = 0.05
     eps: float = 1e-8
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam only
     weight_decay: float = 0.0
     init_std: float = 0.02
     # Planner topology: memory per device in GiB (None: ask the device; CPU uses the host's memory).
@@ -74,6 +75,8 @@ class EmbeddingTableConfig:
     def validate(self) -> None:
         if self.lr <= 0:
             raise ConfigError("embeddings.lr", f"got {self.lr}, expected > 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("embeddings.betas", f"got {self.betas}, expected two numbers in [0, 1)")
         data_parallel = self.sharding_type == "data_parallel"
         if self.compute_kernel != "auto" and data_parallel != (self.compute_kernel == "dense"):
             raise ConfigError(

@@ -99,7 +99,9 @@ def _optimizer(cfg: EmbeddingTableConfig, device: torch.device) -> tuple[type, d
         return torch.optim.Adagrad, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD, {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    return torch.optim.Adam, {"lr": cfg.lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    return torch.optim.Adam, {
+        "lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay
+    }  # fmt: skip
 
 
 def build_item_table(
