@@ -1,0 +1,30 @@
+"""Every shipped config loads and validates, and says in its header how to run it."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import load_config
+from data_pipeline.config import PrepareConfig
+from tests.conftest import ROOT
+from train.config import load_train_config
+
+TRAIN_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+DATA_CONFIGS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
+def test_trainer_configs_load_and_document_their_command(path):
+    cfg = load_train_config(str(path))
+    cfg.model.validate()
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any("-m train" in line for line in header), f"{path.name}: the header gives no launch command"
+
+
+@pytest.mark.parametrize("path", DATA_CONFIGS, ids=lambda p: p.name)
+def test_data_configs_load(path):
+    load_config(PrepareConfig, path)
+
+
+def test_there_are_configs():
+    assert len(TRAIN_CONFIGS) >= 4 and len(DATA_CONFIGS) >= 4
