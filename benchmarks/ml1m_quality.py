@@ -22,7 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from train.config import LossConfig
+
 ROOT = Path(__file__).resolve().parents[1]
+
 PUBLISHED = {  # HSTU repository, ML-1M, leave-one-out, all items ranked, history excluded
     "sasrec": {"hr@10": 0.2853, "ndcg@10": 0.1603, "hr@50": 0.5474, "hr@200": 0.7528},
     "hstu": {"hr@10": 0.3097, "ndcg@10": 0.1720, "hr@50": 0.5754, "hr@200": 0.7716},
@@ -67,10 +72,12 @@ def report(runs: list[tuple[str, Path]]) -> list[dict]:
             if model != name or not path.is_file():
                 continue
             final = json.loads(path.read_text())
+            config = yaml.safe_load((run_dir / "config.yaml").read_text())
             seconds, epoch = time_to(run_dir, "hr@10", PUBLISHED[name]["hr@10"])
             rows.append({"model": name, "source": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
                          else str(run_dir), **{k: final["test"][k] for k in KEYS},
-                         "epochs": final.get("epochs"), "negatives": final.get("loss"),
+                         "epochs": final.get("epochs"), "negatives": LossConfig(**config["loss"]).describe(),
+                         "table_optimizer": config["embeddings"]["optimizer"],
                          "train_split": final.get("train_split", "train"), "elapsed_s": final.get("elapsed_s"),
                          "published_hr@10_reached_s": seconds, "published_hr@10_reached_epoch": epoch})  # fmt: skip
         rows.append({"model": name, "source": "published", **PUBLISHED[name]})
@@ -82,10 +89,9 @@ def report(runs: list[tuple[str, Path]]) -> list[dict]:
         cells = " ".join(f"{r[k]:8.4f}" if k in r else f"{'':8s}" for k in KEYS)
         notes = ""
         if r["source"] != "published":
-            neg = r["negatives"] or {}
-            count = "" if neg.get("negatives") in ("full", "in_batch") else f"({neg.get('num_negatives')})"
             notes = (
-                f"epochs={r['epochs']} negatives={neg.get('negatives')}{count} train_split={r['train_split']}"
+                f"epochs={r['epochs']} negatives={r['negatives']} table={r['table_optimizer']} "
+                f"train_split={r['train_split']}"
             )
             if r["elapsed_s"]:
                 notes += f" time={r['elapsed_s'] / 60:.0f}min"

@@ -99,6 +99,12 @@ class LossConfig:
     num_negatives: int = 512
     temperature: float = 0.05
 
+    def describe(self) -> str:
+        """``full``, ``in_batch``, ``per_position(128)`` or ``shared(2048)``: what a reported number used."""
+        if self.negatives in ("per_position", "shared"):
+            return f"{self.negatives}({self.num_negatives})"
+        return self.negatives
+
     def validate(self) -> None:
         if self.num_negatives < 1 and self.negatives in ("per_position", "shared"):
             raise ConfigError("loss.num_negatives", f"got {self.num_negatives}, expected >= 1")

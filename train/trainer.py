@@ -275,10 +275,9 @@ class Trainer:
             save_config(cfg, self.output_dir / "config.yaml")
         logger.info("sharding plan:\n%s", info["sharding_plan"])
         logger.info(
-            "%d items, %d dense params, %d steps/epoch, world size %d (backend %s, %s), negatives=%s(%d)",
+            "%d items, %d dense params, %d steps/epoch, world size %d (backend %s, %s), negatives=%s",
             self.num_items, info["num_dense_params"], self.steps_per_epoch, self.info.world_size,
-            self.info.backend, self.device,
-            cfg.loss.negatives, cfg.loss.num_negatives,
+            self.info.backend, self.device, cfg.loss.describe(),
         )  # fmt: skip
         if self.step == 0:
             self.tracker.log_params(flatten(to_dict(cfg)))
