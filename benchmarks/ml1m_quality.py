@@ -22,9 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
-from train.config import LossConfig
+from train.config import load_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,12 +70,12 @@ def report(runs: list[tuple[str, Path]]) -> list[dict]:
             if model != name or not path.is_file():
                 continue
             final = json.loads(path.read_text())
-            config = yaml.safe_load((run_dir / "config.yaml").read_text())
+            config = load_train_config(run_dir / "config.yaml")  # the run's resolved config
             seconds, epoch = time_to(run_dir, "hr@10", PUBLISHED[name]["hr@10"])
             rows.append({"model": name, "source": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
                          else str(run_dir), **{k: final["test"][k] for k in KEYS},
-                         "epochs": final.get("epochs"), "negatives": LossConfig(**config["loss"]).describe(),
-                         "table_optimizer": config["embeddings"]["optimizer"],
+                         "epochs": final.get("epochs"), "negatives": config.loss.describe(),
+                         "table_optimizer": config.embeddings.optimizer,
                          "train_split": final.get("train_split", "train"), "elapsed_s": final.get("elapsed_s"),
                          "published_hr@10_reached_s": seconds, "published_hr@10_reached_epoch": epoch})  # fmt: skip
         rows.append({"model": name, "source": "published", **PUBLISHED[name]})

@@ -7,7 +7,7 @@ import pytest
 from cluster.config import load_config
 from data_pipeline.config import PrepareConfig
 from tests.conftest import ROOT
-from train.config import load_train_config
+from train.config import LossConfig, load_train_config
 
 TRAIN_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 DATA_CONFIGS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
@@ -28,3 +28,10 @@ def test_data_configs_load(path):
 
 def test_there_are_configs():
     assert len(TRAIN_CONFIGS) >= 4 and len(DATA_CONFIGS) >= 4
+
+
+def test_loss_describe_names_the_negatives_a_number_used():
+    assert LossConfig(negatives="per_position", num_negatives=128).describe() == "per_position(128)"
+    assert LossConfig(negatives="shared", num_negatives=2048).describe() == "shared(2048)"
+    assert LossConfig(negatives="full", num_negatives=512).describe() == "full"
+    assert LossConfig(negatives="in_batch").describe() == "in_batch"

@@ -99,14 +99,18 @@ class LossConfig:
     num_negatives: int = 512
     temperature: float = 0.05
 
+    def is_sampled(self) -> bool:
+        """Whether negatives are drawn (and ``num_negatives`` counts them)."""
+        return self.negatives in ("per_position", "shared")
+
     def describe(self) -> str:
         """``full``, ``in_batch``, ``per_position(128)`` or ``shared(2048)``: what a reported number used."""
-        if self.negatives in ("per_position", "shared"):
+        if self.is_sampled():
             return f"{self.negatives}({self.num_negatives})"
         return self.negatives
 
     def validate(self) -> None:
-        if self.num_negatives < 1 and self.negatives in ("per_position", "shared"):
+        if self.num_negatives < 1 and self.is_sampled():
             raise ConfigError("loss.num_negatives", f"got {self.num_negatives}, expected >= 1")
         if self.temperature <= 0:
             raise ConfigError("loss.temperature", f"got {self.temperature}, expected > 0")
