@@ -9,7 +9,9 @@ Prepares ../shared/data/ml-1m with configs/data/ml1m.yaml when data/prepared/ml1
 ``torchrun -m train`` per model (output in runs/<model>_ml1m), then prints HR@10/50/200,
 NDCG@10/50/200 and MRR of each test set beside the HSTU repository's published rows, the negatives
 scheme and training split each run used, its epochs and wall time, and (for runs that keep a test
-curve, ``data.train_split=train_valid``) when the curve first reached the published HR@10. Writes benchmarks/results/ml1m_quality.json.
+curve, ``data.train_split=train_valid``) the best point of the curve and when it first reached the
+published HR@10. Writes benchmarks/results/ml1m_quality.json and a plot of the test HR@10 curves,
+benchmarks/results/ml1m_quality.png.
 """
 
 from __future__ import annotations
@@ -43,22 +45,62 @@ def run_model(name: str, nproc: int, overrides: list[str]) -> dict:
     return {"seconds": time.perf_counter() - t0}
 
 
-def time_to(run_dir: Path, key: str, target: float) -> tuple[float | None, int | None]:
-    """(elapsed seconds, epoch) of the first test-curve point at or above ``target``, from metrics.jsonl.
+def test_curve(run_dir: Path, key: str) -> list[tuple[int | None, float | None, float]]:
+    """``[(epoch, elapsed seconds, value), ...]`` of ``test/<key>`` during training, from metrics.jsonl.
 
     Only ``data.train_split=train_valid`` runs evaluate test during training (as a curve, never for
-    selection); other runs have no test curve and give (None, None).
+    selection); other runs have no test curve and give [].
     """
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return None, None
-    epoch = None
+        return []
+    curve, epoch = [], None
     for line in path.read_text().splitlines():
         rec = json.loads(line)
         epoch = rec.get("train/epoch", epoch)
-        if rec.get(f"test/{key}", -1.0) >= target and "elapsed_s" in rec:
-            return rec["elapsed_s"], round(epoch) if epoch is not None else None
+        if f"test/{key}" in rec:
+            curve.append(
+                (round(epoch) if epoch is not None else None, rec.get("elapsed_s"), rec[f"test/{key}"])
+            )
+    return curve
+
+
+def time_to(run_dir: Path, key: str, target: float) -> tuple[float | None, int | None]:
+    """(elapsed seconds, epoch) of the first test-curve point at or above ``target``; (None, None) if none."""
+    for epoch, seconds, value in test_curve(run_dir, key):
+        if value >= target and seconds is not None:
+            return seconds, epoch
     return None, None
+
+
+def plot_curves(runs: list[tuple[str, Path]], key: str, path: Path) -> Path | None:
+    """Test ``key`` against epoch for every run that has a test curve, with each model's published value."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = [(name, run_dir, test_curve(run_dir, key)) for name, run_dir in runs]
+    curves = [(name, run_dir, curve) for name, run_dir, curve in curves if curve]
+    if not curves:
+        return None
+    fig = Figure(figsize=(8, 5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, (name, run_dir, curve) in enumerate(curves):
+        color = f"C{i}"
+        ax.plot([e for e, _, _ in curve], [v for _, _, v in curve], marker="o", ms=3, color=color,
+                label=f"{name}: {run_dir.name}")  # fmt: skip
+    for name in dict.fromkeys(name for name, _, _ in curves):
+        ax.axhline(PUBLISHED[name][key], ls="--", lw=1, color="gray")
+        ax.text(0.01, PUBLISHED[name][key], f"published {name} {PUBLISHED[name][key]}", fontsize=8,
+                va="bottom", transform=ax.get_yaxis_transform())  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"test {key}")
+    ax.set_title(f"ML-1M test {key} during training (train_valid runs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
 
 
 def report(runs: list[tuple[str, Path]]) -> list[dict]:
@@ -72,12 +114,14 @@ def report(runs: list[tuple[str, Path]]) -> list[dict]:
             final = json.loads(path.read_text())
             config = load_train_config(run_dir / "config.yaml")  # the run's resolved config
             seconds, epoch = time_to(run_dir, "hr@10", PUBLISHED[name]["hr@10"])
+            best = max(test_curve(run_dir, "hr@10"), key=lambda point: point[2], default=(None, None, None))
             rows.append({"model": name, "source": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
                          else str(run_dir), **{k: final["test"][k] for k in KEYS},
                          "epochs": final.get("epochs"), "negatives": config.loss.describe(),
                          "table_optimizer": config.embeddings.optimizer,
                          "train_split": final.get("train_split", "train"), "elapsed_s": final.get("elapsed_s"),
-                         "published_hr@10_reached_s": seconds, "published_hr@10_reached_epoch": epoch})  # fmt: skip
+                         "published_hr@10_reached_s": seconds, "published_hr@10_reached_epoch": epoch,
+                         "best_curve_hr@10": best[2], "best_curve_epoch": best[0]})  # fmt: skip
         rows.append({"model": name, "source": "published", **PUBLISHED[name]})
     width = max(len(r["source"]) for r in rows)
     header = f"{'model':11s} {'source':{width}s} " + " ".join(f"{k:>8s}" for k in KEYS) + "  notes"
@@ -93,6 +137,10 @@ def report(runs: list[tuple[str, Path]]) -> list[dict]:
             )
             if r["elapsed_s"]:
                 notes += f" time={r['elapsed_s'] / 60:.0f}min"
+            if r["best_curve_hr@10"] is not None:
+                notes += (
+                    f" best HR@10 on the curve {r['best_curve_hr@10']:.4f} (epoch {r['best_curve_epoch']})"
+                )
             if r["published_hr@10_reached_s"] is not None:
                 notes += (f" published HR@10 reached at epoch {r['published_hr@10_reached_epoch']}, "
                           f"{r['published_hr@10_reached_s'] / 60:.0f}min")  # fmt: skip
@@ -125,6 +173,9 @@ def main() -> int:
             parser.error(f"--run {item}: expected MODEL=DIR with MODEL one of {', '.join(PUBLISHED)}")
         runs.append((model, Path(run_dir).resolve()))
     rows = report(runs)
+    figure = plot_curves(runs, "hr@10", ROOT / "benchmarks" / "results" / "ml1m_quality.png")
+    if figure:
+        print(f"test HR@10 curves: {figure}")
     out = ROOT / "benchmarks" / "results" / "ml1m_quality.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
