@@ -259,14 +259,6 @@ class HSTU(SequenceEncoder):
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_blocks))
         self._warned_no_timestamps = False
 
-    def forward(
-        self, item_emb: Tensor, seq_offsets: Tensor, max_seq_len: int, timestamps: Tensor | None = None
-    ) -> Tensor:
-        """``[T, D]`` item embeddings -> ``[T, D]`` L2-normalised outputs (path chosen by cfg.jagged)."""
-        if self.cfg.jagged:
-            return self.forward_jagged(item_emb, seq_offsets, max_seq_len, timestamps)
-        return self.forward_padded(item_emb, seq_offsets, max_seq_len, timestamps)
-
     def _scale_len(self, max_seq_len: int) -> int:
         return self.cfg.max_seq_len if self.cfg.attn_scale_len == "max_seq_len" else max_seq_len
 

@@ -76,6 +76,17 @@ class SequenceEncoder(nn.Module):
         nn.init.xavier_normal_(self.pos_emb.weight)
         self.input_dropout = nn.Dropout(cfg.dropout)
 
+    def forward(
+        self, item_emb: Tensor, seq_offsets: Tensor, max_seq_len: int, timestamps: Tensor | None = None
+    ) -> Tensor:
+        """``[T, D]`` item embeddings -> ``[T, D]`` L2-normalised outputs (path chosen by cfg.jagged).
+
+        Subclasses implement ``forward_jagged`` and ``forward_padded`` with this signature.
+        """
+        if self.cfg.jagged:
+            return self.forward_jagged(item_emb, seq_offsets, max_seq_len, timestamps)
+        return self.forward_padded(item_emb, seq_offsets, max_seq_len, timestamps)
+
     def check_inputs(
         self, item_emb: Tensor, seq_offsets: Tensor, max_seq_len: int, timestamps: Tensor | None
     ):

@@ -104,14 +104,6 @@ class SASRec(SequenceEncoder):
         super().__init__(cfg)
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_blocks))
 
-    def forward(
-        self, item_emb: Tensor, seq_offsets: Tensor, max_seq_len: int, timestamps: Tensor | None = None
-    ) -> Tensor:
-        """``[T, D]`` item embeddings -> ``[T, D]`` L2-normalised outputs (path chosen by cfg.jagged)."""
-        if self.cfg.jagged:
-            return self.forward_jagged(item_emb, seq_offsets, max_seq_len, timestamps)
-        return self.forward_padded(item_emb, seq_offsets, max_seq_len, timestamps)
-
     def forward_jagged(
         self, item_emb: Tensor, seq_offsets: Tensor, max_seq_len: int, timestamps: Tensor | None = None
     ) -> Tensor:
