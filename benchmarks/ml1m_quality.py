@@ -65,9 +65,11 @@ def test_curve(run_dir: Path, key: str) -> list[tuple[int | None, float | None, 
     return curve
 
 
-def time_to(run_dir: Path, key: str, target: float) -> tuple[float | None, int | None]:
-    """(elapsed seconds, epoch) of the first test-curve point at or above ``target``; (None, None) if none."""
-    for epoch, seconds, value in test_curve(run_dir, key):
+def time_to(
+    curve: list[tuple[int | None, float | None, float]], target: float
+) -> tuple[float | None, int | None]:
+    """(elapsed seconds, epoch) of the first ``test_curve`` point at or above ``target``; (None, None) if none."""
+    for epoch, seconds, value in curve:
         if value >= target and seconds is not None:
             return seconds, epoch
     return None, None
@@ -85,9 +87,8 @@ def plot_curves(runs: list[tuple[str, Path]], key: str, path: Path) -> Path | No
     fig = Figure(figsize=(8, 5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for i, (name, run_dir, curve) in enumerate(curves):
-        color = f"C{i}"
-        ax.plot([e for e, _, _ in curve], [v for _, _, v in curve], marker="o", ms=3, color=color,
+    for name, run_dir, curve in curves:
+        ax.plot([e for e, _, _ in curve], [v for _, _, v in curve], marker="o", ms=3,
                 label=f"{name}: {run_dir.name}")  # fmt: skip
     for name in dict.fromkeys(name for name, _, _ in curves):
         ax.axhline(PUBLISHED[name][key], ls="--", lw=1, color="gray")
@@ -113,8 +114,9 @@ def report(runs: list[tuple[str, Path]]) -> list[dict]:
                 continue
             final = json.loads(path.read_text())
             config = load_train_config(run_dir / "config.yaml")  # the run's resolved config
-            seconds, epoch = time_to(run_dir, "hr@10", PUBLISHED[name]["hr@10"])
-            best = max(test_curve(run_dir, "hr@10"), key=lambda point: point[2], default=(None, None, None))
+            curve = test_curve(run_dir, "hr@10")  # metrics.jsonl is read once per run
+            seconds, epoch = time_to(curve, PUBLISHED[name]["hr@10"])
+            best = max(curve, key=lambda point: point[2], default=(None, None, None))
             rows.append({"model": name, "source": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
                          else str(run_dir), **{k: final["test"][k] for k in KEYS},
                          "epochs": final.get("epochs"), "negatives": config.loss.describe(),

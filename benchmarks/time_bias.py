@@ -44,7 +44,7 @@ def train(arm: str, seed: int, args: argparse.Namespace) -> None:
            "-m", "train", "--config", "configs/hstu_ml1m.yaml", f"data.dir={DATA}", "data.train_split=train",
            f"model.use_time_bias={ARMS[arm]}", f"run.seed={seed}", f"run.epochs={args.epochs}",
            f"eval.every_epochs={args.eval_every}", f"eval.patience={args.patience}", "run.output_dir=" + str(out),
-           "tracking.experiment=time_bias", "run.resume=auto"]  # fmt: skip
+           "tracking.experiment=time_bias"]  # fmt: skip
     print(f"[time_bias] {arm}, seed {seed}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
