@@ -110,7 +110,15 @@ def report(runs: list[tuple[str, Path]]) -> list[dict]:
     for name in dict.fromkeys(name for name, _ in runs):
         for model, run_dir in runs:
             path = run_dir / "final_metrics.json"
-            if model != name or not path.is_file():
+            if model != name:
+                continue
+            if not path.is_file():  # say why a run is missing from the table
+                why = (
+                    "not finished; its test curve, if any, is in the plot"
+                    if run_dir.is_dir()
+                    else "no such run"
+                )
+                print(f"{run_dir}: no final_metrics.json ({why})")
                 continue
             final = json.loads(path.read_text())
             config = load_train_config(run_dir / "config.yaml")  # the run's resolved config
