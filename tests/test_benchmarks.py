@@ -10,11 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_ml1m_quality():
-    spec = importlib.util.spec_from_file_location("ml1m_quality", ROOT / "benchmarks" / "ml1m_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# benchmarks/ is a folder of scripts, not a package: load the script as a module, once.
+_spec = importlib.util.spec_from_file_location("ml1m_quality", ROOT / "benchmarks" / "ml1m_quality.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 
 def write_metrics(run_dir: Path, records: list[dict]) -> None:
@@ -23,7 +22,6 @@ def write_metrics(run_dir: Path, records: list[dict]) -> None:
 
 
 def test_test_curve_carries_the_last_logged_epoch_to_each_test_point(tmp_path):
-    bench = load_ml1m_quality()
     write_metrics(tmp_path, [
         {"step": 20, "elapsed_s": 10.0, "train/epoch": 0.98, "train/loss": 5.0},
         {"step": 24, "elapsed_s": 12.0, "valid/hr@10": 0.11},  # no test key: not on the curve
@@ -40,7 +38,6 @@ def test_test_curve_carries_the_last_logged_epoch_to_each_test_point(tmp_path):
 
 
 def test_time_to_gives_the_first_point_at_or_above_the_target():
-    bench = load_ml1m_quality()
     curve = [(1, 13.0, 0.10), (2, 25.0, 0.21), (3, 38.0, 0.19), (4, 50.0, 0.30)]
     assert bench.time_to(curve, 0.21) == (25.0, 2)  # "at" counts; the later dip and rise do not
     assert bench.time_to(curve, 0.25) == (50.0, 4)
