@@ -139,6 +139,10 @@ class SplitConfig:
     # temporal, optional: same for the valid split (must be < temporal_cutoff). Without it the valid
     # target is the last interaction before temporal_cutoff.
     valid_cutoff: int | None = None
+    # Also write the split "older": the part of each user's history that max_seq_len cuts from the
+    # train row, as windows of up to max_seq_len + 1 items (several rows per user), so training can
+    # use every interaction (trainer: data.older_windows=true). Valid and test targets never enter it.
+    older_windows: bool = False
 
     def validate(self) -> None:
         """Check values a type cannot express; raises ``ConfigError`` naming the key."""

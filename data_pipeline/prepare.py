@@ -51,6 +51,7 @@ from data_pipeline import metadata as item_metadata
 from data_pipeline.config import PrepareConfig, RayConfig
 from data_pipeline.readers import ReadTask, SourceFile, plan_read_tasks, read_records, resolve_sources
 from data_pipeline.transform import (
+    OLDER_SPLIT,
     SPLITS,
     bucket_of,
     build_split_rows,
@@ -683,6 +684,7 @@ def _run_stages(
 
     # 5. rows ------------------------------------------------------------------------------------------
     t0 = time.perf_counter()
+    split_names = SPLITS + ((OLDER_SPLIT,) if cfg.split.older_windows else ())
     stats = _stats(
         _collect(
             _rows_task,
@@ -700,7 +702,7 @@ def _run_stages(
     )
     logger.info(
         "rows: %s [%.1fs]",
-        ", ".join(f"{s} {stats[f'{s}.num_rows']:,}" for s in SPLITS),
+        ", ".join(f"{s} {stats[f'{s}.num_rows']:,}" for s in split_names),
         time.perf_counter() - t0,
     )
 
@@ -708,9 +710,9 @@ def _run_stages(
     t0 = time.perf_counter()
     num_users = users_vocab.num_rows
     per_file = cfg.output.rows_per_file
-    empty_splits = {s for s in SPLITS if stats[f"{s}.num_rows"] == 0}
+    empty_splits = {s for s in split_names if stats[f"{s}.num_rows"] == 0}
     specs = []
-    for split in SPLITS:
+    for split in split_names:
         # A split without rows still gets one (empty) file, so readers find its schema.
         num_shards = 1 if split in empty_splits else max(1, math.ceil(num_users / per_file))
         for shard in range(num_shards):
@@ -733,7 +735,7 @@ def _run_stages(
         out_schema=out_schema,
     ).sort_by("path")
     splits = {}
-    for split in SPLITS:
+    for split in split_names:
         files = [
             {k: v for k, v in f.items() if k != "split"} for f in written.to_pylist() if f["split"] == split
         ]

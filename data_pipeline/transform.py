@@ -43,6 +43,8 @@ REJECT_REASONS = (
 _CODE = {reason: code for code, reason in enumerate(REJECT_REASONS)}
 
 SPLITS = ("train", "valid", "test")
+# Optional split (split.older_windows): the history that max_seq_len cut from the train rows.
+OLDER_SPLIT = "older"
 
 _INT_RE = r"^[+-]?[0-9]{1,18}$"
 _DECIMAL_RE = r"^[+-]?([0-9]{1,18}\.[0-9]*|\.[0-9]+)$"
@@ -456,7 +458,9 @@ def build_split_rows(
 
     ``user_dense`` is the dense id of each user run (in run order), ``item_dense`` the dense id of
     each interaction. Rows keep the most recent ``max_seq_len + 1`` items. Returns, per split, the
-    rows and how many older interactions the truncation cut.
+    rows and how many older interactions the truncation cut. With ``split.older_windows`` it also
+    returns the ``older`` split: what the truncation cut from each train row, as windows (several
+    rows per user, see ``older_windows``).
     """
     starts, lengths = user_runs(table["user"])
     assert len(starts) == len(user_dense)
@@ -467,6 +471,22 @@ def build_split_rows(
         extra["ratings"] = _as_array(table["rating"])
     if "event" in table.column_names:
         extra["events"] = _as_array(table["event"])
+    ts = pa.array(timestamps, pa.int64()) if timestamps is not None else None
+
+    def rows(name: str, users: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> pa.Table:
+        columns = {
+            "user_id": pa.array(user_dense[users], pa.int64()),
+            "item_ids": _gather_lists(items, lo, hi),
+        }
+        if ts is not None:
+            columns["timestamps"] = _gather_lists(ts, lo, hi)
+        else:
+            columns["timestamps"] = pa.nulls(len(users), pa.list_(pa.int64()))
+        for key, values in extra.items():
+            columns[key] = _gather_lists(values, lo, hi)
+        columns["split"] = pa.repeat(pa.scalar(name, pa.string()), len(users))
+        return pa.table(columns)
+
     out = {}
     for name, (users, ends) in split_ranges(starts, lengths, timestamps, split).items():
         order = np.argsort(user_dense[users], kind="stable")
@@ -474,19 +494,34 @@ def build_split_rows(
         row_starts = starts[users]
         cut = np.maximum(row_starts, ends - (max_seq_len + 1))
         num_truncated = int((cut - row_starts).sum())
-        columns = {
-            "user_id": pa.array(user_dense[users], pa.int64()),
-            "item_ids": _gather_lists(items, cut, ends),
-        }
-        if has_timestamps:
-            columns["timestamps"] = _gather_lists(pa.array(timestamps, pa.int64()), cut, ends)
-        else:
-            columns["timestamps"] = pa.nulls(len(users), pa.list_(pa.int64()))
-        for key, values in extra.items():
-            columns[key] = _gather_lists(values, cut, ends)
-        columns["split"] = pa.repeat(pa.scalar(name, pa.string()), len(users))
-        out[name] = (pa.table(columns), num_truncated)
+        out[name] = (rows(name, users, cut, ends), num_truncated)
+        if name == "train" and split.older_windows:
+            w_users, w_lo, w_hi = older_windows(row_starts, cut, max_seq_len)
+            out[OLDER_SPLIT] = (rows(OLDER_SPLIT, users[w_users], w_lo, w_hi), 0)
     return out
+
+
+def older_windows(
+    row_starts: np.ndarray, cuts: np.ndarray, max_seq_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows over the interactions ``[row_starts[i], cuts[i]]`` that truncation cut from row i.
+
+    Each window holds at most ``max_seq_len + 1`` items and starts with the previous window's last
+    item, and the last window ends with the row's first item (``cuts[i]``), which is not a target
+    in the row: every cut interaction but the user's very first is a target exactly once. Returns
+    (row index, start, end exclusive) per window, ordered by row, then chronologically.
+    """
+    span = cuts + 1 - row_starts  # items the windows cover (the row's first item included)
+    span[cuts == row_starts] = 0  # nothing was cut
+    num = np.where(span >= 2, -(-(span - 1) // max_seq_len), 0)
+    row = np.repeat(np.arange(len(cuts)), num)
+    # Window j of a row, counted from the newest (j = 0), ends after cuts - j * max_seq_len.
+    first = np.cumsum(num) - num
+    j = np.arange(num.sum()) - np.repeat(first, num)
+    hi = cuts[row] + 1 - j * max_seq_len
+    lo = np.maximum(row_starts[row], hi - (max_seq_len + 1))
+    order = np.lexsort((lo, row))
+    return row[order], lo[order], hi[order]
 
 
 def output_schema(has_rating: bool, has_event: bool) -> pa.Schema:

@@ -42,7 +42,7 @@ def synthetic_data(tmp_path_factory) -> Path:
         PrepareConfig,
         ROOT / "configs" / "data" / "synthetic.yaml",
         [f"input.paths=[{log}]", "input.item_metadata=null", f"output.dir={base / 'prepared'}",
-         "max_seq_len=20", "output.row_group_size=64", "ray.num_cpus=2"],
+         "max_seq_len=20", "output.row_group_size=64", "ray.num_cpus=2", "split.older_windows=true"],
     )  # fmt: skip
     prepare(cfg)
     return base / "prepared"

@@ -313,6 +313,40 @@ def test_truncation_keeps_most_recent(tmp_path):
     assert manifest["num_interactions"] == ref["num_interactions"]
 
 
+@pytest.mark.parametrize("method", ["leave_one_out", "temporal"])
+def test_older_windows_hold_exactly_the_cut_history(tmp_path, method):
+    """split.older_windows: the windows plus the train row rebuild each user's full train sequence,
+    every window is at most max_seq_len + 1 items, and no valid or test target gets in."""
+    paths, interactions = random_log(tmp_path, seed=2)
+    temporal = (1_600_040_000, None) if method == "temporal" else None
+    split = ["split.method=temporal", f"split.temporal_cutoff={temporal[0]}"] if temporal else []
+    overrides = [paths_override(paths), *CSV_COLUMNS, "max_seq_len=4", *split]
+    manifest = run(tmp_path / "out", [*overrides, "split.older_windows=true"])
+    full_train = reference(interactions, max_seq_len=10_000, temporal=temporal)["splits"]["train"]
+    full = {uid: items for uid, items, _ in full_train}
+    got = output_rows(tmp_path / "out", manifest)
+    # The split rows are the same as without the option.
+    assert got == reference(interactions, max_seq_len=4, temporal=temporal)["splits"]
+    windows: dict[int, list[list[int]]] = defaultdict(list)
+    older_rows = read_split(tmp_path / "out", manifest, "older")
+    for r in older_rows:  # ordered by user, then oldest first
+        windows[r["user_id"]].append(r["item_ids"])
+    assert windows, "the random log has users longer than max_seq_len"
+    for uid, row, _ in got["train"]:
+        ws = windows.pop(uid, [])
+        assert len(ws) == (len(full[uid]) > 5) * -(-(len(full[uid]) - 5) // 4), uid
+        assert all(2 <= len(w) <= 5 for w in ws)
+        for older, newer in zip(ws, ws[1:] + [row]):
+            assert older[-1] == newer[0], uid  # one item of context carried over, no target twice
+        rebuilt = (ws[0] + [i for w in ws[1:] for i in w[1:]] + row[1:]) if ws else row
+        assert rebuilt == full[uid], uid
+    assert not windows, "windows only for users with a train row"
+    older = manifest["splits"]["older"]
+    assert older["num_rows"] == len(older_rows)
+    assert older["num_interactions"] - older["num_rows"] == manifest["splits"]["train"]["num_truncated"]
+    assert "older" not in run(tmp_path / "default", overrides)["splits"]
+
+
 def test_k_core_and_filters(tmp_path):
     paths, interactions = random_log(tmp_path, seed=2, num_users=200)
     overrides = [

@@ -249,6 +249,22 @@ def test_every_row_exactly_once(tmp_path, monkeypatch, partition, world_size, nu
             assert max(rows_per_worker) - min(rows_per_worker) <= 1
 
 
+def test_several_splits_read_as_one_stream(tmp_path, monkeypatch):
+    """A list of splits (the trainer's train + older): every row of each, once, over 2 ranks x 2 workers."""
+    data_dir, expected = write_test_shards(tmp_path, num_users=23, row_group_size=3)
+    want = sorted(
+        (u, tuple(items)) for split in ("train", "test") for u, (items, _) in expected[split].items()
+    )
+    seen = []
+    for rank in range(2):
+        ds = SequenceDataset(data_dir, ["train", "test"], 4, rank=rank, world_size=2, num_workers=2)
+        assert ds.split == "train+test" and ds.num_rows == 46
+        seen += [r for w in range(2) for b in iterate_as_worker(monkeypatch, ds, w, 2) for r in rows_of(b)]
+    assert sorted(seen) == want
+    with pytest.raises(ValueError, match="split 'older' is not in"):
+        SequenceDataset(data_dir, ["train", "older"], 4)
+
+
 def test_shuffle_is_deterministic_per_epoch(tmp_path):
     data_dir, expected = write_test_shards(tmp_path, num_users=60, row_group_size=4)
 

@@ -201,6 +201,29 @@ def test_train_valid_protocol_trains_on_valid_rows_and_tests_the_last_model(synt
     assert bad.returncode == 2 and "eval.patience" in bad.stderr and "train_valid" in bad.stderr
 
 
+def test_older_windows_train_on_the_cut_history_too(synthetic_data, tmp_path):
+    """data.older_windows=true: an epoch reads the train rows and the older split's windows."""
+    manifest = json.loads((synthetic_data / "manifest.json").read_text())
+    train, older = manifest["splits"]["train"], manifest["splits"]["older"]
+    assert older["num_rows"] > 0, "the fixture has users longer than max_seq_len"
+    args = [f"data.dir={synthetic_data}", *TINY_MODEL, "data.older_windows=true", "run.epochs=1"]
+    proc = run_train(args, tmp_path / "older")
+    rows, items = train["num_rows"] + older["num_rows"], train["num_interactions"] + older["num_interactions"]
+    assert f"{rows} rows, {items} items of the train+older split" in proc.stderr
+    assert json.loads((tmp_path / "older" / "final_metrics.json").read_text())["older_windows"] is True
+    # A data directory prepared without the split: one clear message naming the fix.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for entry in synthetic_data.iterdir():
+        (bare / entry.name).symlink_to(entry)
+    (bare / "manifest.json").unlink()
+    del manifest["splits"]["older"]
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    missing = run_train([*args, f"data.dir={bare}"], tmp_path / "missing", check=False)
+    assert missing.returncode == 2 and "split.older_windows=true" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
 def test_user_errors_are_one_clear_line(synthetic_data, tmp_path):
     bad_key = run_train(["model.num_blockz=2"], tmp_path / "a", check=False)
     assert (

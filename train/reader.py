@@ -177,7 +177,7 @@ class SequenceDataset(IterableDataset):
     def __init__(
         self,
         data_dir: str | os.PathLike,
-        split: str,
+        split: str | list[str],
         batch_size: int,
         *,
         rank: int = 0,
@@ -212,10 +212,12 @@ class SequenceDataset(IterableDataset):
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)
         splits = self.manifest["splits"]
-        if split not in splits:
-            raise ValueError(
-                f"split {split!r} is not in {self.data_dir / 'manifest.json'}; available: {', '.join(splits)}"
-            )
+        names = [split] if isinstance(split, str) else list(split)
+        for name in names:
+            if name not in splits:
+                raise ValueError(
+                    f"split {name!r} is not in {self.data_dir / 'manifest.json'}; available: {', '.join(splits)}"
+                )
         max_seq_len = self.manifest.get("max_seq_len")
         if max_tokens is not None:
             if max_tokens < 1:
@@ -225,7 +227,7 @@ class SequenceDataset(IterableDataset):
                     f"max_tokens={max_tokens} is smaller than the longest possible row "
                     f"(max_seq_len + 1 = {max_seq_len + 1} in the manifest); raise max_tokens"
                 )
-        self.split = split
+        self.split = "+".join(names)  # several splits read as one stream, e.g. "train+older"
         self.batch_size = batch_size
         self.rank = rank
         self.world_size = world_size
@@ -240,14 +242,22 @@ class SequenceDataset(IterableDataset):
         self._resume_batches = 0  # batches of self.epoch to skip (from load_state_dict)
         self._batches_yielded = 0  # in-process iteration only (num_workers=0)
 
-        self.files, self.units, self.columns = self._list_units(splits[split])
+        self.files: list[Path] = []
+        self.units: list[_Unit] = []
+        column_sets = []
+        for name in names:
+            files, units, columns = self._list_units(name, splits[name], len(self.files))
+            self.files += files
+            self.units += units
+            column_sets.append(columns)
+        self.columns = min(column_sets, key=len)  # timestamps only when every split has them
         self.num_rows = sum(u.num_rows for u in self.units)
         self._open_files: dict[int, pq.ParquetFile] = {}
         self._unit_lengths: dict[int, np.ndarray] = {}
         self._count_cache: dict[tuple[int, int], int] = {}
         logger.info(
             "%s split: %d rows in %d files / %d row groups; rank %d/%d, %d worker(s), partition=%s",
-            split,
+            self.split,
             self.num_rows,
             len(self.files),
             len(self.units),
@@ -259,22 +269,25 @@ class SequenceDataset(IterableDataset):
 
     # ----------------------------------------------------------------------------------- listing
 
-    def _list_units(self, split_info: dict[str, Any]) -> tuple[list[Path], list[_Unit], list[str]]:
-        """Files of the split from the manifest, row groups from their footers, columns to read."""
+    def _list_units(
+        self, split: str, split_info: dict[str, Any], first_file: int
+    ) -> tuple[list[Path], list[_Unit], list[str]]:
+        """Files of a split from the manifest, row groups from their footers (numbered from file
+        ``first_file``), columns to read."""
         entries = split_info.get("files")
         if not isinstance(entries, list):
-            raise ValueError(f"{self.data_dir / 'manifest.json'}: splits.{self.split}.files must be a list")
+            raise ValueError(f"{self.data_dir / 'manifest.json'}: splits.{split}.files must be a list")
         files: list[Path] = []
         units: list[_Unit] = []
         has_timestamps = True
         for i, entry in enumerate(entries):
             rel = entry["path"] if isinstance(entry, dict) else str(entry)
             path = self.data_dir / rel
-            if not path.is_file() and (self.data_dir / self.split / rel).is_file():
-                path = self.data_dir / self.split / rel
+            if not path.is_file() and (self.data_dir / split / rel).is_file():
+                path = self.data_dir / split / rel
             if not path.is_file():
                 raise ValueError(
-                    f"{self.data_dir / 'manifest.json'} lists {rel} for split {self.split!r} but the file is "
+                    f"{self.data_dir / 'manifest.json'} lists {rel} for split {split!r} but the file is "
                     f"missing; the data directory is damaged: {_PREPARE_HINT} again"
                 )
             meta = pq.ParquetFile(path).metadata
@@ -293,7 +306,7 @@ class SequenceDataset(IterableDataset):
                 )
             files.append(path)
             for rg in range(meta.num_row_groups):
-                units.append(_Unit(i, rg, meta.row_group(rg).num_rows))
+                units.append(_Unit(first_file + i, rg, meta.row_group(rg).num_rows))
         if self.manifest.get("has_timestamps") is False:
             has_timestamps = False
         columns = ["user_id", "item_ids"] + (["timestamps"] if has_timestamps else [])

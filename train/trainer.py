@@ -133,7 +133,15 @@ class Trainer:
         encoder = build_encoder(cfg.model).to(self.device)
 
         # train_valid trains on the valid rows (every item but the test target); see DataConfig.
-        train_split = "valid" if cfg.data.train_split == "train_valid" else "train"
+        train_split = ["valid" if cfg.data.train_split == "train_valid" else "train"]
+        if cfg.data.older_windows:
+            if "older" not in self.manifest.get("splits", {}):
+                raise ValueError(
+                    f"data.older_windows=true but {cfg.data.dir} has no 'older' split; prepare it again with "
+                    "split.older_windows=true (python -m data_pipeline prepare --config ... "
+                    "split.older_windows=true), or set data.older_windows=false"
+                )
+            train_split.append("older")
         self.train_data = SequenceDataset(
             cfg.data.dir, train_split, cfg.data.batch_size // info.world_size, rank=info.rank,
             world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
@@ -578,6 +586,7 @@ class Trainer:
             "loss": {"negatives": self.cfg.loss.negatives, "num_negatives": self.cfg.loss.num_negatives},
             # train_valid: the valid rows were trained on, so "valid" is not held out.
             "train_split": self.cfg.data.train_split,
+            "older_windows": self.cfg.data.older_windows,
         }
         logger.info("test: %s", _fmt(test))
         if self.info.is_main:
