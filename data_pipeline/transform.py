@@ -511,9 +511,8 @@ def older_windows(
     in the row: every cut interaction but the user's very first is a target exactly once. Returns
     (row index, start, end exclusive) per window, ordered by row, then chronologically.
     """
-    span = cuts + 1 - row_starts  # items the windows cover (the row's first item included)
-    span[cuts == row_starts] = 0  # nothing was cut
-    num = np.where(span >= 2, -(-(span - 1) // max_seq_len), 0)
+    span = cuts + 1 - row_starts  # items the windows cover (the row's first item included); 1: none cut
+    num = -(-(span - 1) // max_seq_len)  # windows per row: ceil(targets / max_seq_len)
     row = np.repeat(np.arange(len(cuts)), num)
     # Window j of a row, counted from the newest (j = 0), ends after cuts - j * max_seq_len.
     first = np.cumsum(num) - num

@@ -4,8 +4,8 @@ The trainer reads Parquet with pyarrow only (no Ray). ``SequenceDataset`` is an 
 that yields whole ``SequenceBatch`` es; wrap it with ``dataset.loader()`` (a ``DataLoader`` with
 ``batch_size=None``) so every DataLoader worker produces full batches.
 
-Work units are the (file, row group) pairs of the split, listed from the manifest and the Parquet
-footers. Every epoch the unit list is permuted with ``(seed, epoch)`` (identically on every rank),
+Work units are the (file, row group) pairs of the split (or of several splits read as one stream,
+e.g. the trainer's ``train`` + ``older``), listed from the manifest and the Parquet footers. Every epoch the unit list is permuted with ``(seed, epoch)`` (identically on every rank),
 and the units are divided among the ``world_size * num_workers`` *global workers*
 (``g = rank * num_workers + worker_id``) in one of two ways:
 
