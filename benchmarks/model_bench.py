@@ -140,7 +140,10 @@ def run_case(args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     item_ids = torch.randint(1, args.num_items + 1, (num_tokens,), generator=gen)
     gaps = torch.exp(torch.rand(num_tokens, generator=gen, dtype=torch.float64) * 16).to(torch.int64)
-    timestamps = (1_000_000_000 + gaps.cumsum(0)) if with_timestamps else None
+    timestamps = target_timestamps = None
+    if with_timestamps:  # the target time of a position is the next item's (for the last, one more gap)
+        timestamps = 1_000_000_000 + gaps.cumsum(0)
+        target_timestamps = timestamps + gaps.roll(-1)
     # Autoregressive supervision: every position but the last of its sequence predicts the next item.
     is_last = torch.zeros(num_tokens, dtype=torch.bool)
     is_last[offsets[1:][lengths > 0] - 1] = True
@@ -151,7 +154,7 @@ def run_case(args: argparse.Namespace) -> dict:
     def step() -> None:
         encoder.zero_grad(set_to_none=True)
         table.zero_grad(set_to_none=True)
-        query = encoder(table(item_ids), offsets, max_len, timestamps)
+        query = encoder(table(item_ids), offsets, max_len, timestamps, target_timestamps)
         if scheme is None:
             loss = (query * readout).sum()  # encoder only; a fixed random read-out
         elif scheme == "in_batch":

@@ -1,18 +1,23 @@
 """Does HSTU's time bias help? The same model with and without it, paired by seed, on data with timestamps.
 
-    python benchmarks/time_bias.py                                 # ML-100K, seeds 0 1 2
-    python benchmarks/time_bias.py --seeds 0 1 2 3 4 --epochs 60
+    python benchmarks/time_bias.py                                 # ML-100K, seeds 0 1 2, all arms
+    python benchmarks/time_bias.py --seeds 0 1 2 3 4 --arms target none
     python benchmarks/time_bias.py --report-only                   # table from finished runs
 
 Why: ../shared's ML-1M has no timestamps, so our ML-1M HSTU runs with the position bias only, while
 Meta's reference adds a bias over log-bucketed time gaps. ML-100K is MovieLens with timestamps (in
-seconds), so the gap between the two arms here estimates what the missing timestamps cost on ML-1M.
+seconds), so the gap between the arms here estimates what the missing timestamps cost on ML-1M.
+
+Arms (``--arms``), each a ``model.*`` override of the same run:
+  target  time bias with gaps from the time of the item each position predicts (the reference's, the default)
+  input   time bias with gaps from each position's own item time (model.time_gap_from=input)
+  none    position bias only (model.use_time_bias=false)
 
 Each run is ``torchrun -m train`` with configs/hstu_ml1m.yaml (the paper's HSTU) on
 data/prepared/ml100k (prepared from ../shared/data/ml-100k when missing), the held-out valid split
-for model selection (early stopping), and the test metrics of the best checkpoint. The two arms
-differ only in ``model.use_time_bias``. Prints each seed's pair, the mean and median difference, and
-writes benchmarks/results/time_bias.json.
+for model selection (early stopping), and the test metrics of the best checkpoint. Prints each
+seed's numbers, each time arm's mean and median difference from ``none`` over the seeds where both
+finished, and writes benchmarks/results/time_bias.json.
 """
 
 from __future__ import annotations
@@ -28,11 +33,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "prepared" / "ml100k"
 KEYS = ["hr@10", "ndcg@10", "hr@50", "mrr"]
-ARMS = {"time+position": "true", "position only": "false"}
+ARMS = {
+    "target": ["model.use_time_bias=true", "model.time_gap_from=target"],
+    "input": ["model.use_time_bias=true", "model.time_gap_from=input"],
+    "none": ["model.use_time_bias=false"],
+}
+BASELINE = "none"
 
 
 def run_dir(arm: str, seed: int) -> Path:
-    return ROOT / "runs" / "time_bias" / f"{'time' if ARMS[arm] == 'true' else 'notime'}_seed{seed}"
+    return ROOT / "runs" / "time_bias" / f"{arm}_seed{seed}"
 
 
 def train(arm: str, seed: int, args: argparse.Namespace) -> None:
@@ -42,43 +52,48 @@ def train(arm: str, seed: int, args: argparse.Namespace) -> None:
         return
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            "-m", "train", "--config", "configs/hstu_ml1m.yaml", f"data.dir={DATA}", "data.train_split=train",
-           f"model.use_time_bias={ARMS[arm]}", f"run.seed={seed}", f"run.epochs={args.epochs}",
+           *ARMS[arm], f"run.seed={seed}", f"run.epochs={args.epochs}",
            f"eval.every_epochs={args.eval_every}", f"eval.patience={args.patience}", "run.output_dir=" + str(out),
            "tracking.experiment=time_bias"]  # fmt: skip
-    print(f"[time_bias] {arm}, seed {seed}: {' '.join(cmd[2:])}", flush=True)
+    print(f"[time_bias] arm {arm}, seed {seed}: {' '.join(cmd[2:])}", flush=True)
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def load_test(arm: str, seed: int) -> dict | None:
+    path = run_dir(arm, seed) / "final_metrics.json"
+    return json.loads(path.read_text())["test"] if path.is_file() else None
+
+
 def report(seeds: list[int]) -> dict:
-    pairs = []
-    for seed in seeds:
-        finals = {}
-        for arm in ARMS:
-            path = run_dir(arm, seed) / "final_metrics.json"
-            if path.is_file():
-                finals[arm] = json.loads(path.read_text())["test"]
-        if len(finals) == len(ARMS):
-            pairs.append({"seed": seed, **{arm: {k: finals[arm][k] for k in KEYS} for arm in ARMS}})
-    if not pairs:
-        print("[time_bias] no finished pair of runs under runs/time_bias")
-        return {"pairs": []}
-    with_time, without = ARMS
-    print(f"\nHSTU on ML-100K, test of the best-valid checkpoint, {len(pairs)} seed(s)")
-    print(f"{'seed':>4}  " + "  ".join(f"{k + ' ' + a[:4]:>14}" for k in KEYS for a in (with_time, without)))
-    for p in pairs:
-        print(
-            f"{p['seed']:>4}  " + "  ".join(f"{p[a][k]:>14.4f}" for k in KEYS for a in (with_time, without))
-        )
-    summary = {}
+    finals = {(arm, seed): load_test(arm, seed) for arm in ARMS for seed in seeds}
+    finals = {key: value for key, value in finals.items() if value is not None}
+    if not finals:
+        print("[time_bias] no finished run under runs/time_bias")
+        return {"runs": [], "summary": {}}
+    print("\nHSTU on ML-100K, test of the best-valid checkpoint, arms as columns (- = not run)")
     for k in KEYS:
-        diffs = [p[with_time][k] - p[without][k] for p in pairs]
-        summary[k] = {"mean_diff": statistics.mean(diffs), "median_diff": statistics.median(diffs),
-                      "wins": sum(d > 0 for d in diffs), "pairs": len(diffs)}  # fmt: skip
-        print(
-            f"{k}: time bias minus position only: mean {summary[k]['mean_diff']:+.4f}, "
-            f"median {summary[k]['median_diff']:+.4f}, better in {summary[k]['wins']}/{len(diffs)} seeds"
-        )
-    return {"pairs": pairs, "summary": summary}
+        print(f"{k:>8}  " + "  ".join(f"{arm:>8}" for arm in ARMS))
+        for seed in seeds:
+            cells = [
+                f"{finals[(arm, seed)][k]:>8.4f}" if (arm, seed) in finals else f"{'-':>8}" for arm in ARMS
+            ]
+            print(f"{'seed ' + str(seed):>8}  " + "  ".join(cells))
+    summary = {}
+    for arm in ARMS:
+        paired = [s for s in seeds if arm != BASELINE and (arm, s) in finals and (BASELINE, s) in finals]
+        if not paired:
+            continue
+        summary[arm] = {}
+        for k in KEYS:
+            diffs = [finals[(arm, s)][k] - finals[(BASELINE, s)][k] for s in paired]
+            summary[arm][k] = {"mean_diff": statistics.mean(diffs), "median_diff": statistics.median(diffs),
+                               "wins": sum(d > 0 for d in diffs), "seeds": paired}  # fmt: skip
+            print(
+                f"{k}: {arm} minus {BASELINE}: mean {statistics.mean(diffs):+.4f}, median "
+                f"{statistics.median(diffs):+.4f}, better in {summary[arm][k]['wins']}/{len(diffs)} seeds"
+            )
+    runs = [{"arm": arm, "seed": seed, **{k: m[k] for k in KEYS}} for (arm, seed), m in finals.items()]
+    return {"runs": runs, "summary": summary}
 
 
 def main() -> int:
@@ -91,6 +106,7 @@ def main() -> int:
     parser.add_argument(
         "--patience", type=int, default=5, help="evaluations without improvement before stopping"
     )
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
@@ -106,7 +122,7 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "data_pipeline", "prepare", "--config", "configs/data/ml100k.yaml"],
                            cwd=ROOT, check=True)  # fmt: skip
         for seed in args.seeds:
-            for arm in ARMS:
+            for arm in args.arms:
                 train(arm, seed, args)
     result = report(args.seeds)
     out = ROOT / "benchmarks" / "results" / "time_bias.json"

@@ -42,14 +42,17 @@ def brute_force_valid(trainer: Trainer) -> dict:
             if len(items) < 2:
                 continue
             inputs, target = items[:-1], items[-1]
-            ts = None
-            if stamps is not None:
-                ts = torch.tensor(stamps[-len(items) :][:-1], device=device)
+            ts = target_ts = None
+            if stamps is not None:  # each input's time, and the time of the item after it
+                stamps = stamps[-len(items) :]
+                ts = torch.tensor(stamps[:-1], device=device)
+                target_ts = torch.tensor(stamps[1:], device=device)
             query = module(
                 raw[torch.tensor(inputs, device=device)],
                 torch.tensor([0, len(inputs)], device=device),
                 len(inputs),
                 ts,
+                target_ts,
             )[-1]
             scores = (unit @ query).cpu().numpy().astype(np.float64)
             excluded = set(inputs) - {target}

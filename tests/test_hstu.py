@@ -17,7 +17,8 @@ from train.models.hstu import _GatherBias, plan_length_groups
 
 
 def make_batch(lengths: list[int], dim: int, seed: int = 0):
-    """Random jagged batch: item embeddings [T, dim], offsets [B + 1], increasing timestamps [T]."""
+    """Random jagged batch: item embeddings [T, dim], offsets [B + 1], increasing timestamps [T] and
+    target timestamps [T] (each a random gap after the input's own time)."""
     gen = torch.Generator().manual_seed(seed)
     lengths_B = torch.tensor(lengths, dtype=torch.int64)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths_B.cumsum(0)])
@@ -26,7 +27,8 @@ def make_batch(lengths: list[int], dim: int, seed: int = 0):
     # Gaps from seconds to months, so that many time buckets are used.
     gaps = torch.exp(torch.rand(num_tokens, generator=gen, dtype=torch.float64) * 16).to(torch.int64)
     timestamps = 1_600_000_000 + gaps.cumsum(0)
-    return item_emb, offsets, max(lengths), timestamps
+    next_gaps = torch.exp(torch.rand(num_tokens, generator=gen, dtype=torch.float64) * 16).to(torch.int64)
+    return item_emb, offsets, max(lengths), timestamps, timestamps + next_gaps
 
 
 def small_cfg(**overrides) -> ModelConfig:
@@ -102,7 +104,7 @@ def test_time_buckets_rejects_bad_arguments():
 # ----------------------------------------------------------------------------- brute-force reference
 
 
-def brute_force_hstu(model: HSTU, item_emb, offsets, timestamps, scale_len: int):
+def brute_force_hstu(model: HSTU, item_emb, offsets, timestamps, target_timestamps, scale_len: int):
     """Per sequence, per head, per (i, j) pair, straight from the formulas in train/models/hstu.py."""
     cfg = model.cfg
     heads, d_qk, d_v, dim = cfg.num_heads, cfg.attention_dim, cfg.linear_dim, cfg.embedding_dim
@@ -124,7 +126,8 @@ def brute_force_hstu(model: HSTU, item_emb, offsets, timestamps, scale_len: int)
                         if layer.position_bias is not None:
                             score = score + layer.position_bias[min(i - j, cfg.max_seq_len - 1)]
                         if layer.time_bias is not None and timestamps is not None:
-                            gap = abs(int(timestamps[start + i]) - int(timestamps[start + j]))
+                            query_times = target_timestamps if cfg.time_gap_from == "target" else timestamps
+                            gap = abs(int(query_times[start + i]) - int(timestamps[start + j]))
                             bucket = min(
                                 cfg.num_time_buckets - 1,
                                 math.floor(math.log(max(1, gap)) / math.log(cfg.time_bucket_base)),
@@ -144,6 +147,8 @@ def brute_force_hstu(model: HSTU, item_emb, offsets, timestamps, scale_len: int)
         {"use_time_bias": False},
         {"use_position_bias": False},
         {"num_heads": 1, "attention_dim": 8, "linear_dim": 8, "max_seq_len": 5},  # distances clip at 4
+        {"time_gap_from": "input"},
+        {"time_gap_from": "input", "use_position_bias": False},
     ],
 )
 def test_matches_brute_force(overrides):
@@ -152,17 +157,17 @@ def test_matches_brute_force(overrides):
     model = HSTU(cfg).eval()
     randomize_biases(model)
     lengths = [3, 1, 5] if cfg.max_seq_len == 5 else [3, 1, 7, 5]
-    item_emb, offsets, max_len, timestamps = make_batch(lengths, cfg.embedding_dim)
+    item_emb, offsets, max_len, ts, target_ts = make_batch(lengths, cfg.embedding_dim)
     # The brute force runs in float64 (fbgemm's CPU jagged kernels have no float64 version).
     with torch.no_grad():
         expected = brute_force_hstu(
-            copy.deepcopy(model).double(), item_emb.double(), offsets, timestamps, cfg.max_seq_len
+            copy.deepcopy(model).double(), item_emb.double(), offsets, ts, target_ts, cfg.max_seq_len
         ).float()
         torch.testing.assert_close(
-            model.forward_padded(item_emb, offsets, max_len, timestamps), expected, atol=1e-5, rtol=1e-5
+            model.forward_padded(item_emb, offsets, max_len, ts, target_ts), expected, atol=1e-5, rtol=1e-5
         )
         for min_size in (1, 16):
-            got = grouped(model, min_size).forward_jagged(item_emb, offsets, max_len, timestamps)
+            got = grouped(model, min_size).forward_jagged(item_emb, offsets, max_len, ts, target_ts)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -170,11 +175,11 @@ def test_attn_scale_len_batch_divides_by_batch_max_len():
     cfg = small_cfg(attn_scale_len="batch")
     torch.manual_seed(0)
     model = HSTU(cfg).eval()
-    item_emb, offsets, max_len, timestamps = make_batch([4, 6], cfg.embedding_dim)
+    item_emb, offsets, max_len, ts, target_ts = make_batch([4, 6], cfg.embedding_dim)
     with torch.no_grad():
-        expected = brute_force_hstu(model, item_emb, offsets, timestamps, scale_len=max_len)
+        expected = brute_force_hstu(model, item_emb, offsets, ts, target_ts, scale_len=max_len)
         torch.testing.assert_close(
-            model(item_emb, offsets, max_len, timestamps), expected, atol=1e-5, rtol=1e-5
+            model(item_emb, offsets, max_len, ts, target_ts), expected, atol=1e-5, rtol=1e-5
         )
 
 
@@ -204,6 +209,7 @@ def grouped(model: HSTU, min_size: int) -> HSTU:
         {"num_heads": 1, "attention_dim": 8, "linear_dim": 8},
         {"use_time_bias": False, "use_position_bias": False},
         {"attn_scale_len": "batch"},
+        {"time_gap_from": "input"},
     ],
 )
 @pytest.mark.parametrize("min_group_size", [1, 16])
@@ -213,12 +219,12 @@ def test_jagged_equals_padded_outputs_and_gradients(overrides, min_group_size):
     model = grouped(HSTU(cfg).eval(), min_group_size)
     randomize_biases(model)
     # Includes an empty sequence, a length-1 sequence and one at the batch max.
-    item_emb, offsets, max_len, timestamps = make_batch([5, 0, 1, 11, 7, 11], cfg.embedding_dim)
+    item_emb, offsets, max_len, ts, target_ts = make_batch([5, 0, 1, 11, 7, 11], cfg.embedding_dim)
     results = []
     for forward in (model.forward_jagged, model.forward_padded):
         model.zero_grad()
         emb = item_emb.clone().requires_grad_(True)
-        out = forward(emb, offsets, max_len, timestamps)
+        out = forward(emb, offsets, max_len, ts, target_ts)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         results.append((out.detach(), emb.grad, grads))
@@ -231,15 +237,13 @@ def test_jagged_equals_padded_outputs_and_gradients(overrides, min_group_size):
 
 
 def test_forward_dispatches_on_cfg_jagged():
-    item_emb, offsets, max_len, timestamps = make_batch([3, 6], 8)
+    batch = make_batch([3, 6], 8)
     torch.manual_seed(0)
     jagged = HSTU(small_cfg(jagged=True)).eval()
     padded = HSTU(small_cfg(jagged=False)).eval()
     padded.load_state_dict(jagged.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(
-            jagged(item_emb, offsets, max_len, timestamps), padded(item_emb, offsets, max_len, timestamps)
-        )
+        torch.testing.assert_close(jagged(*batch), padded(*batch))
 
 
 # ------------------------------------------------------------------------------ causality, batching
@@ -255,22 +259,24 @@ def test_causal_and_independent_of_other_sequences(path):
 
 
 def check_causal_and_independent(forward, dim: int) -> None:
-    """Changing a sequence after position 3 changes nothing before it nor in other sequences, and a
-    sequence encoded alone gives the same outputs as inside the batch."""
-    item_emb, offsets, max_len, timestamps = make_batch([6, 9, 4, 9, 2], dim)
+    """Changing a sequence after position 3 (items, their times and their targets' times) changes
+    nothing before it nor in other sequences, and a sequence encoded alone gives the same outputs as
+    inside the batch."""
+    item_emb, offsets, max_len, timestamps, target_ts = make_batch([6, 9, 4, 9, 2], dim)
     with torch.no_grad():
-        base = forward(item_emb, offsets, max_len, timestamps)
+        base = forward(item_emb, offsets, max_len, timestamps, target_ts)
         cut, end = int(offsets[1]) + 4, int(offsets[2])
-        emb2, ts2 = item_emb.clone(), timestamps.clone()
+        emb2, ts2, target_ts2 = item_emb.clone(), timestamps.clone(), target_ts.clone()
         emb2[cut:end] = torch.randn(end - cut, dim)
         ts2[cut:end] += 12345
-        changed = forward(emb2, offsets, max_len, ts2)
+        target_ts2[cut:end] += 12345
+        changed = forward(emb2, offsets, max_len, ts2, target_ts2)
         torch.testing.assert_close(changed[:cut], base[:cut], atol=1e-6, rtol=0)
         torch.testing.assert_close(changed[end:], base[end:], atol=1e-6, rtol=0)
         assert (changed[cut:end] - base[cut:end]).abs().max() > 1e-3
         for b in range(offsets.numel() - 1):
             s, e = int(offsets[b]), int(offsets[b + 1])
-            alone = forward(item_emb[s:e], torch.tensor([0, e - s]), e - s, timestamps[s:e])
+            alone = forward(item_emb[s:e], torch.tensor([0, e - s]), e - s, timestamps[s:e], target_ts[s:e])
             torch.testing.assert_close(alone, base[s:e], atol=1e-5, rtol=1e-5)
 
 
@@ -281,9 +287,9 @@ def test_gradients_reach_every_parameter_in_train_mode():
     cfg = small_cfg(dropout=0.2, attn_dropout=0.1)
     torch.manual_seed(0)
     model = HSTU(cfg).train()
-    item_emb, offsets, max_len, timestamps = make_batch([5, 8, 2], cfg.embedding_dim)
+    item_emb, offsets, max_len, ts, target_ts = make_batch([5, 8, 2], cfg.embedding_dim)
     item_emb.requires_grad_(True)
-    out = model(item_emb, offsets, max_len, timestamps)
+    out = model(item_emb, offsets, max_len, ts, target_ts)
     (out @ torch.randn(cfg.embedding_dim)).sum().backward()
     assert item_emb.grad is not None and item_emb.grad.abs().sum() > 0
     for name, p in model.named_parameters():
@@ -310,11 +316,11 @@ def test_no_timestamps_falls_back_to_position_bias_and_logs_once(caplog):
     positions_only = HSTU(small_cfg(use_time_bias=False)).eval()
     missing, unexpected = positions_only.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all("time_bias" in key for key in unexpected)
-    item_emb, offsets, max_len, timestamps = make_batch([4, 7], cfg.embedding_dim)
+    item_emb, offsets, max_len, ts, target_ts = make_batch([4, 7], cfg.embedding_dim)
     with caplog.at_level(logging.WARNING, logger="train.models.hstu"), torch.no_grad():
         out1 = model(item_emb, offsets, max_len, None)
         out2 = model.forward_padded(item_emb, offsets, max_len, None)
-        with_time = model(item_emb, offsets, max_len, timestamps)
+        with_time = model(item_emb, offsets, max_len, ts, target_ts)
     warnings = [r for r in caplog.records if "no timestamps" in r.getMessage()]
     assert len(warnings) == 1
     expected = positions_only(item_emb, offsets, max_len, None)
@@ -325,13 +331,17 @@ def test_no_timestamps_falls_back_to_position_bias_and_logs_once(caplog):
 
 def test_bad_inputs_raise_value_error():
     model = HSTU(small_cfg()).eval()
-    item_emb, offsets, max_len, timestamps = make_batch([4, 7], 8)
+    item_emb, offsets, max_len, ts, target_ts = make_batch([4, 7], 8)
     with pytest.raises(ValueError, match="model.max_seq_len"):
-        model(item_emb, offsets, 13, timestamps)
+        model(item_emb, offsets, 13, ts, target_ts)
     with pytest.raises(ValueError, match="embedding_dim"):
-        model(item_emb[:, :4], offsets, max_len, timestamps)
-    with pytest.raises(ValueError, match="timestamps"):
-        model(item_emb, offsets, max_len, timestamps[:-1])
+        model(item_emb[:, :4], offsets, max_len, ts, target_ts)
+    with pytest.raises(ValueError, match="^timestamps"):
+        model(item_emb, offsets, max_len, ts[:-1], target_ts)
+    with pytest.raises(ValueError, match="^target_timestamps: expected"):
+        model(item_emb, offsets, max_len, ts, target_ts[:-1])
+    with pytest.raises(ValueError, match="^target_timestamps: model.time_gap_from=target"):
+        model(item_emb, offsets, max_len, ts)
 
 
 def test_config_validation_and_build_encoder(tmp_path):

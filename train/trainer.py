@@ -77,7 +77,8 @@ def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool
     Rows are first cut to their most recent ``max_seq_len + 1`` items. Inputs are each row without
     its last item; targets are each row without its first (``last_only``: only the last item, for
     eval). Rows with fewer than 2 items are dropped. Returns (input_ids_T, input_offsets_B1,
-    input_ts_T or None, target_ids, row_mask_B).
+    input_ts_T or None, target_ts_T or None, target_ids, row_mask_B); ``target_ts_T[t]`` is the time
+    of the item after input t (the encoder's ``target_timestamps``), also under ``last_only``.
     """
     lengths = batch.lengths
     keep_rows = lengths >= 2
@@ -93,9 +94,16 @@ def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool
     in_lengths = in_lengths[keep_rows]
     offsets = torch.zeros(len(in_lengths) + 1, dtype=torch.long)
     offsets[1:] = torch.cumsum(in_lengths, 0)
-    ts = batch.timestamps[in_mask] if batch.timestamps is not None else None
+    ts = target_ts = None
+    if batch.timestamps is not None:
+        ts, target_ts = batch.timestamps[in_mask], batch.timestamps[keep & ~first]
     targets = batch.item_ids[keep & last] if last_only else batch.item_ids[keep & ~first]
-    return input_ids, offsets, ts, targets, keep_rows
+    return input_ids, offsets, ts, target_ts, targets, keep_rows
+
+
+def _on(device: torch.device, *tensors: Tensor | None) -> list[Tensor | None]:
+    """``tensors`` moved to ``device``; None stays None."""
+    return [None if t is None else t.to(device) for t in tensors]
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -202,7 +210,9 @@ class Trainer:
     def train_step(self, batch: SequenceBatch, num_global_positions: int) -> dict:
         """One forward/backward/step on this rank's batch; the loss is the global-batch mean."""
         cfg, world = self.cfg, self.info.world_size
-        input_ids, offsets, ts, targets, _ = split_inputs_targets(batch, self.max_seq_len, last_only=False)
+        input_ids, offsets, ts, target_ts, targets, _ = split_inputs_targets(
+            batch, self.max_seq_len, last_only=False
+        )
         in_lengths = offsets[1:] - offsets[:-1]
         num_rows = len(in_lengths)
         gen = torch.Generator()
@@ -233,9 +243,7 @@ class Trainer:
         neg_emb = emb_UD[inverse[num_inputs + num_targets :]].view(*neg_ids.shape, -1)
 
         max_len = int(in_lengths.max().item()) if num_rows else 0
-        query = self.engine(
-            seq_emb, offsets.to(self.device), max_len, None if ts is None else ts.to(self.device)
-        )
+        query = self.engine(seq_emb, offsets.to(self.device), max_len, *_on(self.device, ts, target_ts))
         query = query.float()
         targets_d = targets.to(self.device)
         if cfg.loss.negatives == "in_batch":
@@ -445,16 +453,14 @@ class Trainer:
         metrics = RetrievalMetrics()
         rows = []
         for batch in data:
-            input_ids, offsets, ts, targets, keep_rows = split_inputs_targets(
+            input_ids, offsets, ts, target_ts, targets, keep_rows = split_inputs_targets(
                 batch, self.max_seq_len, last_only=True
             )
             if len(targets) == 0:
                 continue
             input_ids_d, offsets_d = input_ids.to(self.device), offsets.to(self.device)
             max_len = int((offsets[1:] - offsets[:-1]).max())
-            query_TD = encoder(
-                raw_ID[input_ids_d], offsets_d, max_len, None if ts is None else ts.to(self.device)
-            )
+            query_TD = encoder(raw_ID[input_ids_d], offsets_d, max_len, *_on(self.device, ts, target_ts))
             query_BD = query_TD[offsets_d[1:] - 1]
             scores_BI = query_BD @ table_ID.T
             targets_d = targets.to(self.device)

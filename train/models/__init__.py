@@ -3,7 +3,8 @@
 The trainer owns the item embedding table; it looks up the input items' embeddings and calls
 
     encoder = build_encoder(cfg.model)
-    query_TD = encoder(item_emb_TD, seq_offsets, max_seq_len, timestamps_T)   # L2-normalised, causal
+    query_TD = encoder(item_emb_TD, seq_offsets, max_seq_len, timestamps_T, target_timestamps_T)
+    # query_TD: L2-normalised, causal; target_timestamps_T[t] is the time of the item t predicts
     loss_sum, num = sampled_softmax_loss(query_TD[sup], target_emb, target_ids, neg_emb, neg_ids, 0.05)
 """
 

@@ -18,6 +18,7 @@ dropout                input-embedding and output-projection drop  input, FFN dr
 attn_dropout           dropout on attention weights                dropout on softmax weights
 max_seq_len            positions table and relative-bias size      positions table size
 num_time_buckets...    timestamp bias, see ``hstu.time_buckets``   ignored
+time_gap_from          which time a position's gaps start from     ignored
 attn_scale_len         n in ``SiLU(QK^T + rab) / n``               ignored
 jagged                 jagged values vs padded reference path      same
 =====================  ==========================================  ===========================
@@ -58,6 +59,12 @@ class ModelConfig:
     time_bucket_base: float = DEFAULT_TIME_BUCKET_BASE
     use_time_bias: bool = True
     use_position_bias: bool = True
+    # The time gap of query position i to key j is t_i - ts[j], where t_i is:
+    #   "target": the time of the item position i predicts (the next item in training, the held-out
+    #             item in eval; at serving time, the request time). The reference does this: its bias
+    #             buckets ts[i + 1] - ts[j], and eval writes the target's time after the history.
+    #   "input":  the time of position i's own item, ts[i] (no knowledge of when the next action is).
+    time_gap_from: Literal["target", "input"] = "target"
     # "max_seq_len": divide the HSTU attention by the constant cfg.max_seq_len, as the reference
     # does in effect (it pads every batch to the configured length), so a sequence's output does not
     # depend on what else is in its batch. "batch": divide by the batch's max_seq_len argument.

@@ -8,13 +8,15 @@ One HSTU layer on x [T, D] (jagged values):
 
 The layer norms have no affine parameters (as in the reference). ``rab`` is a learned relative
 attention bias, one set per layer: a scalar per relative distance i - j (distances >=
-cfg.max_seq_len share the last entry) plus a scalar per timestamp bucket of ``ts[i] - ts[j]`` (see
-``time_buckets``). ``n`` is cfg.max_seq_len by default (``model.attn_scale_len``).
+cfg.max_seq_len share the last entry) plus a scalar per timestamp bucket of the gap ``t_i - ts[j]``
+(see ``time_buckets``). As in the reference, t_i is by default the time of the item position i
+predicts (``target_timestamps``: the next item in training, the held-out item in eval, the request
+time in serving), so the bias knows how long ago each history item was when the next action happens;
+``model.time_gap_from=input`` uses position i's own time instead. ``n`` is cfg.max_seq_len by
+default (``model.attn_scale_len``).
 
 Differences from the reference implementation (generative_recommenders/research/modeling/
 sequential/hstu.py), all deliberate:
-- the time gap is between the query item and the key item; the reference uses the timestamp of the
-  item *after* the query (the target), which the encoder interface here does not receive;
 - ``num_time_buckets`` entries, clipped to the last one (the reference has num_buckets + 1);
 - without timestamps the position bias is still applied (the reference drops the whole rab);
 - ``attn_dropout`` is applied to A (the reference accepts the setting but ignores it).
@@ -262,10 +264,15 @@ class HSTU(SequenceEncoder):
     def _scale_len(self, max_seq_len: int) -> int:
         return self.cfg.max_seq_len if self.cfg.attn_scale_len == "max_seq_len" else max_seq_len
 
-    def _use_timestamps(self, timestamps: Tensor | None) -> bool:
-        """Whether this batch gets the time bias; warns once when it is configured but unavailable."""
+    def _gap_times(
+        self, timestamps: Tensor | None, target_timestamps: Tensor | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """(query times, key times), int64 ``[T]``, for this batch's time bias; None without one.
+
+        Warns once when the bias is configured but the batch has no timestamps.
+        """
         if not self.cfg.use_time_bias:
-            return False
+            return None
         if timestamps is None:
             if not self._warned_no_timestamps:
                 logger.warning(
@@ -273,21 +280,35 @@ class HSTU(SequenceEncoder):
                     "bias only for such batches (set model.use_time_bias=false to silence this)"
                 )
                 self._warned_no_timestamps = True
-            return False
-        return True
+            return None
+        keys_T = timestamps.to(torch.int64)
+        if self.cfg.time_gap_from == "input":
+            return keys_T, keys_T
+        if target_timestamps is None:
+            raise ValueError(
+                "target_timestamps: model.time_gap_from=target measures time gaps from the time of the item "
+                "each position predicts; pass target_timestamps [T] with timestamps, or set "
+                "model.time_gap_from=input"
+            )
+        return target_timestamps.to(torch.int64), keys_T
 
-    def _time_index(self, timestamps_BN: Tensor, distances_NN: Tensor) -> Tensor:
+    def _time_index(self, query_ts_BN: Tensor, key_ts_BN: Tensor, distances_NN: Tensor) -> Tensor:
         """Index of every (query i, key j) into the layers' time-bias table (see ``relative_bias``):
-        the bucket of ``ts[i] - ts[j]``, combined with the distance ``i - j`` when the position bias is
-        on. Computed once per forward and shared by the layers."""
-        dt_BNN = timestamps_BN[:, :, None] - timestamps_BN[:, None, :]
+        the bucket of ``query_ts[i] - key_ts[j]``, combined with the distance ``i - j`` when the
+        position bias is on. Computed once per forward and shared by the layers."""
+        dt_BNN = query_ts_BN[:, :, None] - key_ts_BN[:, None, :]
         buckets_BNN = time_buckets(dt_BNN, self.cfg.num_time_buckets, self.cfg.time_bucket_base)
         if not self.cfg.use_position_bias:
             return buckets_BNN
         return buckets_BNN * self.cfg.max_seq_len + distances_NN
 
     def forward_jagged(
-        self, item_emb: Tensor, seq_offsets: Tensor, max_seq_len: int, timestamps: Tensor | None = None
+        self,
+        item_emb: Tensor,
+        seq_offsets: Tensor,
+        max_seq_len: int,
+        timestamps: Tensor | None = None,
+        target_timestamps: Tensor | None = None,
     ) -> Tensor:
         """Jagged path: activations stay ``[T, D]``; only Q, K, V are padded around the attention.
 
@@ -295,9 +316,9 @@ class HSTU(SequenceEncoder):
         to its own longest sequence (``plan_length_groups``), so short sequences do not pay for
         [N, N] attention with the batch's N. Reads the lengths on the host once per call.
         """
-        self.check_inputs(item_emb, seq_offsets, max_seq_len, timestamps)
+        self.check_inputs(item_emb, seq_offsets, max_seq_len, timestamps, target_timestamps)
         x_TD = self.embed_inputs(item_emb, seq_offsets)
-        ts_T = timestamps.to(torch.int64) if self._use_timestamps(timestamps) else None
+        gap_times = self._gap_times(timestamps, target_timestamps)
         lengths_B = seq_lengths(seq_offsets)
         lengths = lengths_B.tolist()
         order = sorted(range(len(lengths)), key=lambda b: -lengths[b])  # stable: ties keep batch order
@@ -311,9 +332,10 @@ class HSTU(SequenceEncoder):
                 seq_offsets[:-1][order_B] - sorted_starts_B, sorted_lengths_B, output_size=x_TD.shape[0]
             )
             x_TD = x_TD[row_index_T]
-            ts_T = ts_T[row_index_T] if ts_T is not None else None
+            if gap_times is not None:
+                gap_times = (gap_times[0][row_index_T], gap_times[1][row_index_T])
         sorted_lengths = [lengths[b] for b in order]
-        groups = self._length_groups(sorted_lengths, ts_T, self._scale_len(max_seq_len), x_TD)
+        groups = self._length_groups(sorted_lengths, gap_times, self._scale_len(max_seq_len), x_TD)
         for layer in self.layers:
             x_TD = layer.forward_jagged(x_TD, groups)
         if row_index_T is not None:
@@ -321,9 +343,16 @@ class HSTU(SequenceEncoder):
         return self.normalize_outputs(x_TD)
 
     def _length_groups(
-        self, sorted_lengths: list[int], ts_T: Tensor | None, scale_len: int, like: Tensor
+        self,
+        sorted_lengths: list[int],
+        gap_times: tuple[Tensor, Tensor] | None,
+        scale_len: int,
+        like: Tensor,
     ) -> list[_LengthGroup]:
-        """Per group: offsets, causal mask and time-bias index, shared by all layers."""
+        """Per group: offsets, causal mask and time-bias index, shared by all layers.
+
+        ``gap_times``: (query, key) times ``[T]`` of the length-sorted rows (see ``_gap_times``).
+        """
         device = like.device
         groups = []
         row_starts = [0]
@@ -339,11 +368,14 @@ class HSTU(SequenceEncoder):
             rows = slice(row_starts[start], row_starts[end])
             distances_NN = relative_distances(max_len, self.cfg.max_seq_len, device)
             time_index_BNN = None
-            if ts_T is not None:
-                ts_BN = torch.ops.fbgemm.jagged_to_padded_dense(
-                    ts_T[rows].unsqueeze(1), [seq_offsets_G], [max_len], 0
-                ).squeeze(2)
-                time_index_BNN = self._time_index(ts_BN, distances_NN)
+            if gap_times is not None:
+                query_ts_BN, key_ts_BN = (
+                    torch.ops.fbgemm.jagged_to_padded_dense(
+                        ts_T[rows].unsqueeze(1), [seq_offsets_G], [max_len], 0
+                    ).squeeze(2)
+                    for ts_T in gap_times
+                )
+                time_index_BNN = self._time_index(query_ts_BN, key_ts_BN, distances_NN)
             causal_NN = torch.tril(torch.ones(max_len, max_len, device=device, dtype=like.dtype)) / scale_len
             groups.append(
                 _LengthGroup(
@@ -353,17 +385,23 @@ class HSTU(SequenceEncoder):
         return groups
 
     def forward_padded(
-        self, item_emb: Tensor, seq_offsets: Tensor, max_seq_len: int, timestamps: Tensor | None = None
+        self,
+        item_emb: Tensor,
+        seq_offsets: Tensor,
+        max_seq_len: int,
+        timestamps: Tensor | None = None,
+        target_timestamps: Tensor | None = None,
     ) -> Tensor:
         """Padded reference path: ``[B, N, D]`` activations, explicit masks; same parameters and outputs."""
-        self.check_inputs(item_emb, seq_offsets, max_seq_len, timestamps)
+        self.check_inputs(item_emb, seq_offsets, max_seq_len, timestamps, target_timestamps)
         x_BND, valid_BN, causal_NN = self.pad_inputs(item_emb, seq_offsets, max_seq_len)
         mask_BNN = causal_NN[None] & valid_BN[:, :, None] & valid_BN[:, None, :]
         distances_NN = relative_distances(max_seq_len, self.cfg.max_seq_len, item_emb.device)
         time_index_BNN = None
-        if self._use_timestamps(timestamps):
-            timestamps_BN = pad_jagged(timestamps.to(torch.int64), seq_offsets, max_seq_len)
-            time_index_BNN = self._time_index(timestamps_BN, distances_NN)
+        gap_times = self._gap_times(timestamps, target_timestamps)
+        if gap_times is not None:
+            query_ts_BN, key_ts_BN = (pad_jagged(ts_T, seq_offsets, max_seq_len) for ts_T in gap_times)
+            time_index_BNN = self._time_index(query_ts_BN, key_ts_BN, distances_NN)
         for layer in self.layers:
             rab = layer.relative_bias(distances_NN, time_index_BNN)
             x_BND = layer.forward_padded(x_BND, rab, mask_BNN, self._scale_len(max_seq_len))

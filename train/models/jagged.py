@@ -62,9 +62,12 @@ def unpad_jagged(padded_BNX: Tensor, seq_offsets_B1: Tensor) -> Tensor:
 class SequenceEncoder(nn.Module):
     """Common interface and input/output stages of HSTU and SASRec.
 
-    ``forward(item_emb [T, D], seq_offsets [B + 1], max_seq_len, timestamps [T] | None) -> [T, D]``
-    returns an L2-normalised query embedding for every input position; position t only sees
-    positions <= t of its own sequence.
+    ``forward(item_emb [T, D], seq_offsets [B + 1], max_seq_len, timestamps [T] | None,
+    target_timestamps [T] | None) -> [T, D]`` returns an L2-normalised query embedding for every
+    input position; position t only sees positions <= t of its own sequence. ``timestamps`` are the
+    input items' times; ``target_timestamps[t]`` is the time of the item position t predicts (the
+    next item; for a sequence's last position, the held-out target or the request time). HSTU's time
+    bias may use it (``model.time_gap_from``); it reveals when, never which, the next item is.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -77,18 +80,27 @@ class SequenceEncoder(nn.Module):
         self.input_dropout = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, item_emb: Tensor, seq_offsets: Tensor, max_seq_len: int, timestamps: Tensor | None = None
+        self,
+        item_emb: Tensor,
+        seq_offsets: Tensor,
+        max_seq_len: int,
+        timestamps: Tensor | None = None,
+        target_timestamps: Tensor | None = None,
     ) -> Tensor:
         """``[T, D]`` item embeddings -> ``[T, D]`` L2-normalised outputs (path chosen by cfg.jagged).
 
         Subclasses implement ``forward_jagged`` and ``forward_padded`` with this signature.
         """
-        if self.cfg.jagged:
-            return self.forward_jagged(item_emb, seq_offsets, max_seq_len, timestamps)
-        return self.forward_padded(item_emb, seq_offsets, max_seq_len, timestamps)
+        path = self.forward_jagged if self.cfg.jagged else self.forward_padded
+        return path(item_emb, seq_offsets, max_seq_len, timestamps, target_timestamps)
 
     def check_inputs(
-        self, item_emb: Tensor, seq_offsets: Tensor, max_seq_len: int, timestamps: Tensor | None
+        self,
+        item_emb: Tensor,
+        seq_offsets: Tensor,
+        max_seq_len: int,
+        timestamps: Tensor | None,
+        target_timestamps: Tensor | None = None,
     ):
         """Cheap (no device sync) checks of the caller's tensors; ``ValueError`` names the argument."""
         if item_emb.dim() != 2 or item_emb.shape[1] != self.embedding_dim:
@@ -110,10 +122,11 @@ class SequenceEncoder(nn.Module):
                 f"max_seq_len={max_seq_len}: must be in [1, model.max_seq_len={self.cfg.max_seq_len}]; "
                 "truncate the sequences or raise model.max_seq_len"
             )
-        if timestamps is not None and timestamps.shape != item_emb.shape[:1]:
-            raise ValueError(
-                f"timestamps: expected [T] = [{item_emb.shape[0]}] like item_emb, got {tuple(timestamps.shape)}"
-            )
+        for name, ts in {"timestamps": timestamps, "target_timestamps": target_timestamps}.items():
+            if ts is not None and ts.shape != item_emb.shape[:1]:
+                raise ValueError(
+                    f"{name}: expected [T] = [{item_emb.shape[0]}] like item_emb, got {tuple(ts.shape)}"
+                )
 
     def embed_inputs(self, item_emb_TD: Tensor, seq_offsets_B1: Tensor) -> Tensor:
         """Scale item embeddings by sqrt(D), add absolute position embeddings, apply dropout."""

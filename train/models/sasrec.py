@@ -105,20 +105,30 @@ class SASRec(SequenceEncoder):
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_blocks))
 
     def forward_jagged(
-        self, item_emb: Tensor, seq_offsets: Tensor, max_seq_len: int, timestamps: Tensor | None = None
+        self,
+        item_emb: Tensor,
+        seq_offsets: Tensor,
+        max_seq_len: int,
+        timestamps: Tensor | None = None,
+        target_timestamps: Tensor | None = None,
     ) -> Tensor:
         """Jagged path: activations stay ``[T, D]``."""
-        self.check_inputs(item_emb, seq_offsets, max_seq_len, timestamps)
+        self.check_inputs(item_emb, seq_offsets, max_seq_len, timestamps, target_timestamps)
         x_TD = self.embed_inputs(item_emb, seq_offsets)
         for block in self.blocks:
             x_TD = block.forward_jagged(x_TD, seq_offsets, max_seq_len)
         return self.normalize_outputs(x_TD)
 
     def forward_padded(
-        self, item_emb: Tensor, seq_offsets: Tensor, max_seq_len: int, timestamps: Tensor | None = None
+        self,
+        item_emb: Tensor,
+        seq_offsets: Tensor,
+        max_seq_len: int,
+        timestamps: Tensor | None = None,
+        target_timestamps: Tensor | None = None,
     ) -> Tensor:
         """Padded reference path: ``[B, N, D]`` activations, explicit masks."""
-        self.check_inputs(item_emb, seq_offsets, max_seq_len, timestamps)
+        self.check_inputs(item_emb, seq_offsets, max_seq_len, timestamps, target_timestamps)
         x_BND, valid_BN, causal_NN = self.pad_inputs(item_emb, seq_offsets, max_seq_len)
         # Real rows attend to real, earlier keys. Padding rows keep the plain causal mask so that no
         # softmax row is empty (which would give NaN); their outputs are zeroed below.
