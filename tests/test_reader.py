@@ -1,4 +1,4 @@
-"""Tests for train.reader and train.batch: collation, partitioning over ranks x workers, resume."""
+"""Tests for train.reader, train.batch and the trainer's input/target cut: collation, partitioning, resume."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 import train.reader as reader_module
 from train.batch import SequenceBatch, collate_rows, split_last
 from train.reader import SequenceDataset, load_manifest
+from train.trainer import split_inputs_targets
 
 SPLITS = ("train", "valid", "test")
 
@@ -174,6 +175,26 @@ def test_split_last_and_to():
     assert rows_of(history) == [(1, (5, 6)), (2, ()), (3, (9,))]
     assert history.timestamps.tolist() == [1, 2, 5]
     assert history.offsets.tolist() == [0, 2, 2, 3]
+
+
+def test_split_inputs_targets_cuts_rows_and_pairs_each_input_with_its_targets_time():
+    table = pa.table(
+        {
+            "user_id": pa.array([1, 2, 3], pa.int64()),
+            "item_ids": pa.array([[1, 2, 3, 4, 5], [6], [7, 8, 9]], pa.list_(pa.int64())),
+            "timestamps": pa.array([[10, 20, 30, 40, 50], [60], [70, 80, 90]], pa.list_(pa.int64())),
+        }
+    )
+    batch = collate_rows(table)
+    # max_seq_len 3 keeps row 1's last 4 items; row 2 (one item) has nothing to predict and is dropped.
+    inputs, offsets, ts, target_ts, targets, kept = split_inputs_targets(batch, 3, last_only=False)
+    assert inputs.tolist() == [2, 3, 4, 7, 8] and offsets.tolist() == [0, 3, 5]
+    assert targets.tolist() == [3, 4, 5, 8, 9] and kept.tolist() == [True, False, True]
+    assert ts.tolist() == [20, 30, 40, 70, 80] and target_ts.tolist() == [30, 40, 50, 80, 90]
+    inputs, offsets, ts, target_ts, targets, kept = split_inputs_targets(batch, 3, last_only=True)
+    assert targets.tolist() == [5, 9] and target_ts.tolist() == [30, 40, 50, 80, 90]
+    no_times = collate_rows(table.drop_columns(["timestamps"]))
+    assert split_inputs_targets(no_times, 3, last_only=True)[2:4] == (None, None)
 
 
 # ------------------------------------------------------------------------------------- manifest
