@@ -5,9 +5,10 @@ that yields whole ``SequenceBatch`` es; wrap it with ``dataset.loader()`` (a ``D
 ``batch_size=None``) so every DataLoader worker produces full batches.
 
 Work units are the (file, row group) pairs of the split (or of several splits read as one stream,
-e.g. the trainer's ``train`` + ``older``), listed from the manifest and the Parquet footers. Every epoch the unit list is permuted with ``(seed, epoch)`` (identically on every rank),
-and the units are divided among the ``world_size * num_workers`` *global workers*
-(``g = rank * num_workers + worker_id``) in one of two ways:
+e.g. the trainer's ``train`` + ``older``), listed from the manifest and the Parquet footers. Every
+epoch the unit list is permuted with ``(seed, epoch)`` (identically on every rank), and the units
+are divided among the ``world_size * num_workers`` *global workers* (``g = rank * num_workers +
+worker_id``) in one of two ways:
 
 ``partition="rows"`` (default)
     Worker g takes the contiguous row range ``[g*N//G, (g+1)*N//G)`` of the permuted unit stream,

@@ -87,7 +87,7 @@ def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool
     cut = torch.clamp(lengths - (max_seq_len + 1), min=0)
     keep = (pos >= cut[row_of]) & keep_rows[row_of]
     last = pos == (lengths - 1)[row_of]
-    first = pos == cut[row_of]
+    after_first = keep & ~(pos == cut[row_of])  # each kept row without its first item
     in_mask = keep & ~last
     input_ids = batch.item_ids[in_mask]
     in_lengths = (torch.minimum(lengths, torch.full_like(lengths, max_seq_len + 1)) - 1).clamp(min=0)
@@ -96,8 +96,8 @@ def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool
     offsets[1:] = torch.cumsum(in_lengths, 0)
     ts = target_ts = None
     if batch.timestamps is not None:
-        ts, target_ts = batch.timestamps[in_mask], batch.timestamps[keep & ~first]
-    targets = batch.item_ids[keep & last] if last_only else batch.item_ids[keep & ~first]
+        ts, target_ts = batch.timestamps[in_mask], batch.timestamps[after_first]
+    targets = batch.item_ids[keep & last] if last_only else batch.item_ids[after_first]
     return input_ids, offsets, ts, target_ts, targets, keep_rows
 
 
