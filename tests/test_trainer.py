@@ -7,6 +7,7 @@ not change the maths: how the table is sharded, the ZeRO stage, an interruption.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -85,8 +86,11 @@ def test_zero_stages_give_the_same_trajectory(train_runs):
 
 
 def test_killed_and_resumed_equals_uninterrupted(train_runs, synthetic_data, tmp_path):
-    args = [*EXACT, "zero.stage=2", "run.checkpoint_every_steps=5"]
+    # Warmup and cosine decay: the resumed run must continue the schedule, on the table too.
+    schedule = ["optim.warmup_steps=4", "optim.decay=cosine", "optim.min_lr_ratio=0.1"]
+    args = [*EXACT, "zero.stage=2", "run.checkpoint_every_steps=5", *schedule]
     full = train_runs(args, nproc=2)
+    assert_lr_follows_the_schedule(full.output_dir / "metrics.jsonl", warmup=4, floor=0.1)
     total = max(full.losses)
     out = tmp_path / "resumed"
     common = [f"data.dir={synthetic_data}", *TINY_MODEL, *args]
@@ -107,6 +111,24 @@ def test_killed_and_resumed_equals_uninterrupted(train_runs, synthetic_data, tmp
     for split in ("valid", "test"):
         for k, v in full.final[split].items():
             assert final[split][k] == pytest.approx(v, abs=1e-6), (split, k)
+    assert_lr_follows_the_schedule(out / "metrics.jsonl", warmup=4, floor=0.1)
+
+
+def assert_lr_follows_the_schedule(metrics_file, warmup: int, floor: float) -> None:
+    """Logged LRs: linear warmup then cosine to ``floor``; the table's LR scaled by the same factor."""
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    records = {r["step"]: r for r in records if "train/lr" in r}  # a resumed run re-logs some steps
+    total = max(records)
+    for step, rec in records.items():
+        # The LR logged after `step` updates is the one the next update uses.
+        if step < warmup:
+            want = (step + 1) / warmup
+        else:
+            progress = (step - warmup) / (total - warmup)
+            want = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        assert rec["train/lr"] == pytest.approx(1e-3 * want, rel=1e-6), step
+        assert rec["train/table_lr"] == pytest.approx(0.05 * want, rel=1e-6), step
+    assert records[total]["train/lr"] == pytest.approx(1e-3 * floor)
 
 
 def json_losses(out) -> dict[int, float]:

@@ -67,6 +67,9 @@ class EmbeddingTableConfig:
     # it differs slightly from the unsharded optimizer (adagrad and sgd do not).
     optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     lr: float = 0.05
+    # dense: the table's LR follows optim's warmup and decay (embeddings.lr times the same factor);
+    # constant: embeddings.lr throughout.
+    schedule: Literal["dense", "constant"] = "dense"
     eps: float = 1e-8
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam only
     weight_decay: float = 0.0

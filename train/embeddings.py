@@ -82,6 +82,15 @@ class ShardedItemTable:
             self.replicated_optimizer.step()
             self.replicated_optimizer.zero_grad(set_to_none=True)
 
+    def set_lr(self, lr: float) -> None:
+        """Set the table's learning rate for the next update (the trainer's schedule calls this)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if not self.data_parallel:
+            # A fused optimizer updates rows inside backward; its step() only hands param_groups' lr
+            # to the fbgemm kernels (TorchRec's EmbeddingFusedOptimizer.step).
+            self.module.fused_optimizer.step()
+
     def plan_text(self) -> str:
         return str(self.plan)
 

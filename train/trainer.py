@@ -173,6 +173,7 @@ class Trainer:
         self.elapsed_s = 0.0
         self._clock_start = time.perf_counter()
         self.last_grad_norm: float | None = None
+        self.table_lr = cfg.embeddings.lr  # set from the schedule by _sync_table_lr
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints", cfg.run.keep_checkpoints)
@@ -264,11 +265,23 @@ class Trainer:
                 torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             )
         self.engine.step()
+        self._sync_table_lr()
         self.table.step()
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         self.last_grad_norm = None if grad_norm is None else float(grad_norm)
         return {"loss_sum": float(loss_sum.detach()), "positions": int(num)}
+
+    def _sync_table_lr(self) -> None:
+        """Give the table the dense schedule's current factor (``embeddings.schedule=dense``).
+
+        Called after each dense step, so the next update of the table (a fused one happens inside the
+        next backward) uses the same multiplier of its base LR as the dense optimizer.
+        """
+        emb = self.cfg.embeddings
+        factor = self.engine.get_lr()[0] / self.cfg.optim.lr if emb.schedule == "dense" else 1.0
+        self.table_lr = emb.lr * factor
+        self.table.set_lr(self.table_lr)
 
     def _make_progress(self, total: int):
         mode = self.cfg.run.progress_bar
@@ -301,6 +314,7 @@ class Trainer:
         for name in ("config.yaml", "deepspeed_config.json", "sharding_plan.txt"):
             self.tracker.log_artifact(self.output_dir / name)
 
+        self._sync_table_lr()  # the schedule's value at the current (possibly resumed) step
         stopped_early = False
         max_steps = cfg.run.max_steps
         while self.epoch < cfg.run.epochs and not stopped_early:
@@ -369,6 +383,7 @@ class Trainer:
         metrics = {
             "train/loss": loss_sum / max(1.0, positions),
             "train/lr": self.engine.get_lr()[0],
+            "train/table_lr": self.table_lr,
             "train/tokens_per_s": tokens / max(seconds, 1e-9),
             "train/peak_memory_mib": peak_memory_mib(self.device),
             "train/epoch": self.epoch + self.batches_in_epoch / max(1, self.steps_per_epoch),

@@ -1,0 +1,49 @@
+"""The item table on 2 gloo processes: a learning rate set between steps reaches the real update.
+
+Fused tables (row_wise) update inside backward in fbgemm kernels, data_parallel tables in a torch
+optimizer after it; the trainer's schedule must reach both (``ShardedItemTable.set_lr``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from train.config import EmbeddingTableConfig
+from train.embeddings import build_item_table, gather_full_table, lookup
+
+pytestmark = pytest.mark.distributed
+
+
+def _sgd_update(table, ids: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """One SGD update of a loss linear in the embeddings (its gradient is fixed); the change of the table."""
+    before = gather_full_table(table, torch.device("cpu"))
+    loss = (lookup(table, ids, torch.device("cpu")) * direction).sum()
+    loss.backward()
+    table.step()
+    return gather_full_table(table, torch.device("cpu")) - before
+
+
+def _set_lr_worker(rank: int, world_size: int, init_file: str, sharding: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        cfg = EmbeddingTableConfig(sharding_type=sharding, optimizer="sgd", lr=1.0)
+        table = build_item_table(cfg, num_items=30, embedding_dim=8, device=torch.device("cpu"), seed=0)
+        gen = torch.Generator().manual_seed(rank)
+        ids = torch.randint(1, 31, (12,), generator=gen)
+        direction = torch.randn(12, 8, generator=gen)
+        first = _sgd_update(table, ids, direction)
+        assert first.abs().max() > 0.01, "the table did not move"
+        table.set_lr(0.25)
+        assert all(g["lr"] == 0.25 for g in table.optimizer.param_groups)
+        second = _sgd_update(table, ids, direction)
+        torch.testing.assert_close(second, 0.25 * first, rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sharding", ["row_wise", "data_parallel"])
+def test_set_lr_scales_the_next_update(tmp_path, sharding):
+    mp.spawn(_set_lr_worker, args=(2, str(tmp_path / "rendezvous"), sharding), nprocs=2, join=True)
