@@ -27,6 +27,7 @@ import resource
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import deepspeed
 import numpy as np
@@ -71,14 +72,23 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
-def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool):
+class ModelInputs(NamedTuple):
+    """One batch cut into what the encoder and the loss take (``split_inputs_targets``)."""
+
+    input_ids: Tensor  # [T] the jagged inputs
+    offsets: Tensor  # [B+1] row boundaries of input_ids
+    timestamps: Tensor | None  # [T] each input's time
+    target_timestamps: Tensor | None  # [T] the time of the item after each input (even if last_only)
+    targets: Tensor  # [T] the next item of each input, or [B] each row's last item (last_only)
+    keep_rows: Tensor  # [rows of the batch] bool: the rows kept (those with at least 2 items)
+
+
+def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool) -> ModelInputs:
     """Cut stored rows into model inputs and targets (docs/data_format.md).
 
     Rows are first cut to their most recent ``max_seq_len + 1`` items. Inputs are each row without
     its last item; targets are each row without its first (``last_only``: only the last item, for
-    eval). Rows with fewer than 2 items are dropped. Returns (input_ids_T, input_offsets_B1,
-    input_ts_T or None, target_ts_T or None, target_ids, row_mask_B); ``target_ts_T[t]`` is the time
-    of the item after input t (the encoder's ``target_timestamps``), also under ``last_only``.
+    eval). Rows with fewer than 2 items are dropped.
     """
     lengths = batch.lengths
     keep_rows = lengths >= 2
@@ -98,7 +108,7 @@ def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool
     if batch.timestamps is not None:
         ts, target_ts = batch.timestamps[in_mask], batch.timestamps[after_first]
     targets = batch.item_ids[keep & last] if last_only else batch.item_ids[after_first]
-    return input_ids, offsets, ts, target_ts, targets, keep_rows
+    return ModelInputs(input_ids, offsets, ts, target_ts, targets, keep_rows)
 
 
 def _on(device: torch.device, *tensors: Tensor | None) -> list[Tensor | None]:
