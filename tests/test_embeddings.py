@@ -37,7 +37,7 @@ def _set_lr_worker(rank: int, world_size: int, init_file: str, sharding: str) ->
         first = _sgd_update(table, ids, direction)
         assert first.abs().max() > 0.01, "the table did not move"
         table.set_lr(0.25)
-        assert all(g["lr"] == 0.25 for g in table.optimizer.param_groups)
+        assert table.lr == 0.25 and all(g["lr"] == 0.25 for g in table.optimizer.param_groups)
         second = _sgd_update(table, ids, direction)
         torch.testing.assert_close(second, 0.25 * first, rtol=1e-5, atol=1e-7)
     finally:

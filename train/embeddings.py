@@ -82,6 +82,11 @@ class ShardedItemTable:
             self.replicated_optimizer.step()
             self.replicated_optimizer.zero_grad(set_to_none=True)
 
+    @property
+    def lr(self) -> float:
+        """The LR the table's next update uses."""
+        return self.optimizer.param_groups[0]["lr"]
+
     def set_lr(self, lr: float) -> None:
         """Set the table's learning rate for the next update (the trainer's schedule calls this)."""
         for group in self.optimizer.param_groups:

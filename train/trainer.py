@@ -183,7 +183,6 @@ class Trainer:
         self.elapsed_s = 0.0
         self._clock_start = time.perf_counter()
         self.last_grad_norm: float | None = None
-        self.table_lr = cfg.embeddings.lr  # set from the schedule by _sync_table_lr
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints", cfg.run.keep_checkpoints)
@@ -290,8 +289,7 @@ class Trainer:
         """
         emb = self.cfg.embeddings
         factor = self.engine.get_lr()[0] / self.cfg.optim.lr if emb.schedule == "dense" else 1.0
-        self.table_lr = emb.lr * factor
-        self.table.set_lr(self.table_lr)
+        self.table.set_lr(emb.lr * factor)
 
     def _make_progress(self, total: int):
         mode = self.cfg.run.progress_bar
@@ -393,7 +391,7 @@ class Trainer:
         metrics = {
             "train/loss": loss_sum / max(1.0, positions),
             "train/lr": self.engine.get_lr()[0],
-            "train/table_lr": self.table_lr,
+            "train/table_lr": self.table.lr,
             "train/tokens_per_s": tokens / max(seconds, 1e-9),
             "train/peak_memory_mib": peak_memory_mib(self.device),
             "train/epoch": self.epoch + self.batches_in_epoch / max(1, self.steps_per_epoch),
