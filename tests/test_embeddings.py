@@ -1,6 +1,6 @@
 """The item table on 2 gloo processes: a learning rate set between steps reaches the real update.
 
-Fused tables (row_wise) update inside backward in fbgemm kernels, data_parallel tables in a torch
+Fused tables (row_wise, table_wise) update inside backward in fbgemm kernels, data_parallel tables in a torch
 optimizer after it; the trainer's schedule must reach both (``ShardedItemTable.set_lr``).
 """
 
@@ -44,6 +44,7 @@ def _set_lr_worker(rank: int, world_size: int, init_file: str, sharding: str) ->
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sharding", ["row_wise", "data_parallel"])
+# table_wise puts the whole table on rank 0: rank 1's fused optimizer has no param groups at all.
+@pytest.mark.parametrize("sharding", ["row_wise", "table_wise", "data_parallel"])
 def test_set_lr_scales_the_next_update(tmp_path, sharding):
     mp.spawn(_set_lr_worker, args=(2, str(tmp_path / "rendezvous"), sharding), nprocs=2, join=True)

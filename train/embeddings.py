@@ -59,6 +59,9 @@ class ShardedItemTable:
     num_embeddings: int
     embedding_dim: int  # what the model sees
     table_dim: int  # stored width: fbgemm needs a multiple of 4 (e.g. the paper's 50 is stored as 52)
+    # The LR the table's next update uses. Kept here, not read back from the optimizer: under
+    # table_wise sharding a rank that holds no shard has an optimizer with no param groups.
+    lr: float
     # data_parallel only: the optimizer stepped after backward (model-parallel tables are fused).
     replicated_optimizer: KeyedOptimizerWrapper | None = None
 
@@ -82,13 +85,9 @@ class ShardedItemTable:
             self.replicated_optimizer.step()
             self.replicated_optimizer.zero_grad(set_to_none=True)
 
-    @property
-    def lr(self) -> float:
-        """The LR the table's next update uses."""
-        return self.optimizer.param_groups[0]["lr"]
-
     def set_lr(self, lr: float) -> None:
         """Set the table's learning rate for the next update (the trainer's schedule calls this)."""
+        self.lr = lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if not self.data_parallel:
@@ -166,7 +165,9 @@ def build_item_table(
     if data_parallel:
         params = dict(module.named_parameters())
         replicated_optimizer = KeyedOptimizerWrapper(params, lambda ps: opt_cls(ps, **opt_kwargs))
-    table = ShardedItemTable(module, plan, num_embeddings, embedding_dim, table_dim, replicated_optimizer)
+    table = ShardedItemTable(
+        module, plan, num_embeddings, embedding_dim, table_dim, cfg.lr, replicated_optimizer
+    )
     init_table_(table, cfg.init_std, seed)
     return table
 
