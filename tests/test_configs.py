@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import load_config
+from cluster.config import ConfigError, load_config
 from data_pipeline.config import PrepareConfig
 from tests.conftest import ROOT
 from train.config import LossConfig, load_train_config
@@ -35,3 +35,13 @@ def test_loss_describe_names_the_negatives_a_number_used():
     assert LossConfig(negatives="shared", num_negatives=2048).describe() == "shared(2048)"
     assert LossConfig(negatives="full", num_negatives=512).describe() == "full"
     assert LossConfig(negatives="in_batch").describe() == "in_batch"
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["optim.decay_fraction=0", "optim.decay_fraction=1.5", "optim.min_lr_ratio=2", "optim.warmup_steps=-1"],
+)
+def test_bad_schedule_names_its_key(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=key):
+        load_train_config(None, [override])

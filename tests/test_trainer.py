@@ -86,11 +86,17 @@ def test_zero_stages_give_the_same_trajectory(train_runs):
 
 
 def test_killed_and_resumed_equals_uninterrupted(train_runs, synthetic_data, tmp_path):
-    # Warmup and cosine decay: the resumed run must continue the schedule, on the table too.
-    schedule = ["optim.warmup_steps=4", "optim.decay=cosine", "optim.min_lr_ratio=0.1"]
+    # Warmup, a flat stretch, then cosine decay over the second half: the run resumes at step 5 (flat)
+    # and must continue the schedule into the decay, on the table too.
+    schedule = [
+        "optim.warmup_steps=4",
+        "optim.decay=cosine",
+        "optim.decay_fraction=0.5",
+        "optim.min_lr_ratio=0.1",
+    ]
     args = [*EXACT, "zero.stage=2", "run.checkpoint_every_steps=5", *schedule]
     full = train_runs(args, nproc=2)
-    assert_lr_follows_the_schedule(full.output_dir / "metrics.jsonl", warmup=4, floor=0.1)
+    assert_lr_follows_the_schedule(full.output_dir / "metrics.jsonl", warmup=4, decay_fraction=0.5, floor=0.1)
     total = max(full.losses)
     out = tmp_path / "resumed"
     common = [f"data.dir={synthetic_data}", *TINY_MODEL, *args]
@@ -111,20 +117,24 @@ def test_killed_and_resumed_equals_uninterrupted(train_runs, synthetic_data, tmp
     for split in ("valid", "test"):
         for k, v in full.final[split].items():
             assert final[split][k] == pytest.approx(v, abs=1e-6), (split, k)
-    assert_lr_follows_the_schedule(out / "metrics.jsonl", warmup=4, floor=0.1)
+    assert_lr_follows_the_schedule(out / "metrics.jsonl", warmup=4, decay_fraction=0.5, floor=0.1)
 
 
-def assert_lr_follows_the_schedule(metrics_file, warmup: int, floor: float) -> None:
-    """Logged LRs: linear warmup then cosine to ``floor``; the table's LR scaled by the same factor."""
+def assert_lr_follows_the_schedule(metrics_file, warmup: int, decay_fraction: float, floor: float) -> None:
+    """Logged LRs: linear warmup, flat, then cosine to ``floor``; the table's LR scaled by the same factor."""
     records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     records = {r["step"]: r for r in records if "train/lr" in r}  # a resumed run re-logs some steps
     total = max(records)
+    decay_start = total - decay_fraction * (total - warmup)
+    assert 5 < decay_start < total - 2, "the test wants a resume in the flat stretch and a few decay steps"
     for step, rec in records.items():
         # The LR logged after `step` updates is the one the next update uses.
         if step < warmup:
             want = (step + 1) / warmup
+        elif step <= decay_start:
+            want = 1.0
         else:
-            progress = (step - warmup) / (total - warmup)
+            progress = (step - decay_start) / (total - decay_start)
             want = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         assert rec["train/lr"] == pytest.approx(1e-3 * want, rel=1e-6), step
         assert rec["train/table_lr"] == pytest.approx(0.05 * want, rel=1e-6), step

@@ -133,6 +133,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     decay: Literal["constant", "cosine", "linear"] = "constant"
+    # Share of the post-warmup steps the decay takes, at the end: 1.0 decays from the end of warmup;
+    # 0.2 holds the peak LR for 80% of the steps, then decays (warmup-stable-decay).
+    decay_fraction: float = 1.0
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # 0 disables clipping
     grad_accum_steps: int = 1  # dense only: sparse tables are updated in every backward
@@ -142,6 +145,12 @@ class OptimConfig:
             raise ConfigError("optim.betas", f"got {self.betas}, expected two numbers in [0, 1)")
         if self.lr <= 0:
             raise ConfigError("optim.lr", f"got {self.lr}, expected > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps", f"got {self.warmup_steps}, expected >= 0")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError("optim.decay_fraction", f"got {self.decay_fraction}, expected in (0, 1]")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.min_lr_ratio", f"got {self.min_lr_ratio}, expected in [0, 1]")
         if self.grad_accum_steps < 1:
             raise ConfigError("optim.grad_accum_steps", f"got {self.grad_accum_steps}, expected >= 1")
 

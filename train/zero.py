@@ -2,8 +2,8 @@
 
 ``deepspeed_config(cfg)`` generates DeepSpeed's JSON from our config (it is written to the run
 directory and to MLflow); ``build_engine`` wraps the encoder. The LR schedule (linear warmup, then
-constant, cosine or linear decay) is a plain ``LambdaLR`` handed to DeepSpeed, so it is checkpointed
-with the engine. The trainer gives the item table the same factor of its own LR after every step
+constant, or held and then a cosine or linear decay over the last ``decay_fraction`` of the steps)
+is a plain ``LambdaLR`` handed to DeepSpeed, so it is checkpointed with the engine. The trainer gives the item table the same factor of its own LR after every step
 (``embeddings.schedule=dense``, the default).
 """
 
@@ -64,15 +64,20 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) ->
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
-    """Multiplier of the base LR at optimizer step ``s``: linear warmup, then the configured decay."""
+    """Multiplier of the base LR at optimizer step ``s``: linear warmup, a flat stretch, then the decay.
+
+    The decay takes the last ``decay_fraction`` of the steps after warmup and ends at ``min_lr_ratio``.
+    """
     warmup, decay, floor = cfg.optim.warmup_steps, cfg.optim.decay, cfg.optim.min_lr_ratio
+    decay_steps = cfg.optim.decay_fraction * (total_steps - warmup)
+    decay_start = total_steps - decay_steps
 
     def fn(step: int) -> float:
         if warmup and step < warmup:
             return (step + 1) / warmup
-        if decay == "constant" or total_steps <= warmup:
+        if decay == "constant" or total_steps <= warmup or step <= decay_start:
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        progress = min(1.0, (step - decay_start) / max(1.0, decay_steps))
         if decay == "cosine":
             return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
         return floor + (1 - floor) * (1 - progress)
