@@ -1,7 +1,7 @@
 """The item table on 2 gloo processes: a learning rate set between steps reaches the real update.
 
-Fused tables (row_wise, table_wise) update inside backward in fbgemm kernels, data_parallel tables in a torch
-optimizer after it; the trainer's schedule must reach both (``ShardedItemTable.set_lr``).
+Fused tables (row_wise, table_wise) update inside backward in fbgemm kernels, data_parallel tables
+in a torch optimizer after it; the trainer's schedule must reach both (``ShardedItemTable.set_lr``).
 """
 
 from __future__ import annotations

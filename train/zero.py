@@ -3,8 +3,9 @@
 ``deepspeed_config(cfg)`` generates DeepSpeed's JSON from our config (it is written to the run
 directory and to MLflow); ``build_engine`` wraps the encoder. The LR schedule (linear warmup, then
 constant, or held and then a cosine or linear decay over the last ``decay_fraction`` of the steps)
-is a plain ``LambdaLR`` handed to DeepSpeed, so it is checkpointed with the engine. The trainer gives the item table the same factor of its own LR after every step
-(``embeddings.schedule=dense``, the default).
+is a plain ``LambdaLR`` handed to DeepSpeed, so it is checkpointed with the engine. The trainer
+gives the item table the same factor of its own LR after every step (``embeddings.schedule=dense``,
+the default).
 """
 
 from __future__ import annotations
