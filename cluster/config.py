@@ -10,6 +10,9 @@ validating every key and value on the way, and writes the resolved config back o
 Errors are ``ConfigError`` (a ``ValueError``) naming the dotted key, what was given and what is allowed.
 Dataclasses may define ``validate(self)`` to check values that a type cannot express; raise
 ``ConfigError(key, message)`` there.
+
+A file may start from another with ``base: other.yaml`` (relative to the file) and list only the
+keys it changes; nested mappings merge key by key, and the overrides apply last.
 """
 
 from __future__ import annotations
@@ -183,9 +186,30 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def read_config_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file with its ``base:`` chain resolved: the file's keys merged over its base's.
+
+    ``base: hstu_ml1m.yaml`` (a path relative to the file) lets a variant state only what differs.
+    """
+    path = Path(path)
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError("base", f"in {path}: expected the path of another config file, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in _seen or base_path == path.resolve():
+        chain = " -> ".join(str(p) for p in (*_seen, path.resolve(), base_path))
+        raise ConfigError("base", f"in {path}: the base chain loops ({chain}); remove one of the links")
+    if not base_path.is_file():
+        raise ConfigError("base", f"in {path}: base file {base_path} does not exist")
+    return merge(read_config_file(base_path, (*_seen, path.resolve())), data)
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """YAML file (optional) + overrides -> validated ``cls`` instance."""
-    data = read_yaml(path) if path else {}
+    """YAML file (optional, with its ``base:`` chain) + overrides -> validated ``cls`` instance."""
+    data = read_config_file(path) if path else {}
     data = merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
 

@@ -45,3 +45,36 @@ def test_bad_schedule_names_its_key(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=key):
         load_train_config(None, [override])
+
+
+def test_base_merges_key_by_key_and_overrides_apply_last(tmp_path):
+    (tmp_path / "parent.yaml").write_text("model:\n  num_blocks: 2\n  dropout: 0.2\noptim:\n  lr: 0.001\n")
+    sub = tmp_path / "variants"
+    sub.mkdir()
+    (sub / "child.yaml").write_text("base: ../parent.yaml\nmodel:\n  num_blocks: 8\n")
+    cfg = load_train_config(str(sub / "child.yaml"), ["optim.lr=0.003"])
+    assert cfg.model.num_blocks == 8  # the child's value
+    assert cfg.model.dropout == 0.2  # the sibling key kept from the parent
+    assert cfg.optim.lr == 0.003  # the override beats both files
+
+
+def test_shipped_variant_states_only_its_changes():
+    large = load_train_config(str(ROOT / "configs/hstu_large_ml1m.yaml"))
+    fast = load_train_config(str(ROOT / "configs/hstu_large_ml1m_1h.yaml"))
+    assert (fast.model, fast.loss, fast.data.batch_size) == (large.model, large.loss, large.data.batch_size)
+    assert (fast.optim.lr, fast.optim.decay_fraction, fast.run.epochs) == (0.002, 0.3, 25)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("base: missing.yaml\n", "does not exist"),
+        ("base: loop.yaml\n", "loops"),
+        ("base: [a]\n", "expected the path"),
+    ],
+)
+def test_bad_base_names_the_file_and_the_problem(tmp_path, text, message):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_train_config(str(tmp_path / "loop.yaml"))
+    assert "loop.yaml" in str(err.value) and "base" in str(err.value)
