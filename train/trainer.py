@@ -82,6 +82,10 @@ class ModelInputs(NamedTuple):
     targets: Tensor  # [T] the next item of each input, or [B] each row's last item (last_only)
     keep_rows: Tensor  # [rows of the batch] bool: the rows kept (those with at least 2 items)
 
+    def times_on(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """``(timestamps, target_timestamps)`` on ``device``; None stays None (data without times)."""
+        return tuple(None if t is None else t.to(device) for t in (self.timestamps, self.target_timestamps))
+
 
 def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool) -> ModelInputs:
     """Cut stored rows into model inputs and targets (docs/data_format.md).
@@ -109,11 +113,6 @@ def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool
         ts, target_ts = batch.timestamps[in_mask], batch.timestamps[after_first]
     targets = batch.item_ids[keep & last] if last_only else batch.item_ids[after_first]
     return ModelInputs(input_ids, offsets, ts, target_ts, targets, keep_rows)
-
-
-def _on(device: torch.device, *tensors: Tensor | None) -> list[Tensor | None]:
-    """``tensors`` moved to ``device``; None stays None."""
-    return [None if t is None else t.to(device) for t in tensors]
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -220,9 +219,8 @@ class Trainer:
     def train_step(self, batch: SequenceBatch, num_global_positions: int) -> dict:
         """One forward/backward/step on this rank's batch; the loss is the global-batch mean."""
         cfg, world = self.cfg, self.info.world_size
-        input_ids, offsets, ts, target_ts, targets, _ = split_inputs_targets(
-            batch, self.max_seq_len, last_only=False
-        )
+        inputs = split_inputs_targets(batch, self.max_seq_len, last_only=False)
+        input_ids, offsets, targets = inputs.input_ids, inputs.offsets, inputs.targets
         in_lengths = offsets[1:] - offsets[:-1]
         num_rows = len(in_lengths)
         gen = torch.Generator()
@@ -253,7 +251,7 @@ class Trainer:
         neg_emb = emb_UD[inverse[num_inputs + num_targets :]].view(*neg_ids.shape, -1)
 
         max_len = int(in_lengths.max().item()) if num_rows else 0
-        query = self.engine(seq_emb, offsets.to(self.device), max_len, *_on(self.device, ts, target_ts))
+        query = self.engine(seq_emb, offsets.to(self.device), max_len, *inputs.times_on(self.device))
         query = query.float()
         targets_d = targets.to(self.device)
         if cfg.loss.negatives == "in_batch":
@@ -476,14 +474,13 @@ class Trainer:
         metrics = RetrievalMetrics()
         rows = []
         for batch in data:
-            input_ids, offsets, ts, target_ts, targets, keep_rows = split_inputs_targets(
-                batch, self.max_seq_len, last_only=True
-            )
+            inputs = split_inputs_targets(batch, self.max_seq_len, last_only=True)
+            input_ids, offsets, targets = inputs.input_ids, inputs.offsets, inputs.targets
             if len(targets) == 0:
                 continue
             input_ids_d, offsets_d = input_ids.to(self.device), offsets.to(self.device)
             max_len = int((offsets[1:] - offsets[:-1]).max())
-            query_TD = encoder(raw_ID[input_ids_d], offsets_d, max_len, *_on(self.device, ts, target_ts))
+            query_TD = encoder(raw_ID[input_ids_d], offsets_d, max_len, *inputs.times_on(self.device))
             query_BD = query_TD[offsets_d[1:] - 1]
             scores_BI = query_BD @ table_ID.T
             targets_d = targets.to(self.device)
@@ -492,7 +489,7 @@ class Trainer:
                 # The target is never excluded (as in rank_of_targets), so the file reproduces the metrics.
                 top = topk_items(scores_BI, input_ids_d, offsets_d, k=min(self.cfg.eval.top_k, self.num_items),
                                  keep_ids=targets_d)  # fmt: skip
-                rows.append((batch.user_ids[keep_rows].numpy(), targets.numpy(), top.cpu().numpy()))
+                rows.append((batch.user_ids[inputs.keep_rows].numpy(), targets.numpy(), top.cpu().numpy()))
         result = metrics.compute()
         if predictions_path is not None:
             self._write_predictions(rows, predictions_path)
