@@ -198,13 +198,14 @@ def read_config_file(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> d
         return data
     if not isinstance(base, str) or not base:
         raise ConfigError("base", f"in {path}: expected the path of another config file, got {base!r}")
+    seen = (*_seen, path.resolve())
     base_path = (path.parent / base).resolve()
-    if base_path in _seen or base_path == path.resolve():
-        chain = " -> ".join(str(p) for p in (*_seen, path.resolve(), base_path))
+    if base_path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, base_path))
         raise ConfigError("base", f"in {path}: the base chain loops ({chain}); remove one of the links")
     if not base_path.is_file():
         raise ConfigError("base", f"in {path}: base file {base_path} does not exist")
-    return merge(read_config_file(base_path, (*_seen, path.resolve())), data)
+    return merge(read_config_file(base_path, seen), data)
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:

@@ -78,3 +78,11 @@ def test_bad_base_names_the_file_and_the_problem(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message) as err:
         load_train_config(str(tmp_path / "loop.yaml"))
     assert "loop.yaml" in str(err.value) and "base" in str(err.value)
+
+
+def test_base_loop_through_two_files_shows_the_chain(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="loops") as err:
+        load_train_config(str(tmp_path / "a.yaml"))
+    assert "a.yaml -> " in str(err.value) and "b.yaml -> " in str(err.value)
