@@ -69,6 +69,7 @@ def main() -> None:
     config_path, overrides = parse_args(sys.argv[1:])
     cfg = load_train_config(config_path, overrides)
     info = init_distributed()
+    trainer = None
     try:
         trainer = Trainer(cfg, info)
         trainer.train()
@@ -76,6 +77,7 @@ def main() -> None:
         trainer.close()
         print(json.dumps(result))
     finally:
+        trainer = None  # it holds the process group; see destroy_distributed
         destroy_distributed()
 
 

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from train.config import EmbeddingTableConfig
+from train.distributed import destroy_distributed, live_gloo_threads
 from train.embeddings import build_item_table, gather_full_table, lookup
 
 pytestmark = pytest.mark.distributed
@@ -26,22 +27,32 @@ def _sgd_update(table, ids: torch.Tensor, direction: torch.Tensor) -> torch.Tens
     return gather_full_table(table, torch.device("cpu")) - before
 
 
+def _check_set_lr(rank: int, sharding: str) -> None:
+    cfg = EmbeddingTableConfig(sharding_type=sharding, optimizer="sgd", lr=1.0)
+    table = build_item_table(cfg, num_items=30, embedding_dim=8, device=torch.device("cpu"), seed=0)
+    gen = torch.Generator().manual_seed(rank)
+    ids = torch.randint(1, 31, (12,), generator=gen)
+    direction = torch.randn(12, 8, generator=gen)
+    first = _sgd_update(table, ids, direction)
+    assert first.abs().max() > 0.01, "the table did not move"
+    table.set_lr(0.25)
+    assert table.lr == 0.25 and all(g["lr"] == 0.25 for g in table.optimizer.param_groups)
+    second = _sgd_update(table, ids, direction)
+    torch.testing.assert_close(second, 0.25 * first, rtol=1e-5, atol=1e-7)
+
+
 def _set_lr_worker(rank: int, world_size: int, init_file: str, sharding: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        cfg = EmbeddingTableConfig(sharding_type=sharding, optimizer="sgd", lr=1.0)
-        table = build_item_table(cfg, num_items=30, embedding_dim=8, device=torch.device("cpu"), seed=0)
-        gen = torch.Generator().manual_seed(rank)
-        ids = torch.randint(1, 31, (12,), generator=gen)
-        direction = torch.randn(12, 8, generator=gen)
-        first = _sgd_update(table, ids, direction)
-        assert first.abs().max() > 0.01, "the table did not move"
-        table.set_lr(0.25)
-        assert table.lr == 0.25 and all(g["lr"] == 0.25 for g in table.optimizer.param_groups)
-        second = _sgd_update(table, ids, direction)
-        torch.testing.assert_close(second, 0.25 * first, rtol=1e-5, atol=1e-7)
+        _check_set_lr(rank, sharding)
     finally:
-        dist.destroy_process_group()
+        destroy_distributed()
+    # The group must really be gone, its threads joined, before interpreter shutdown (see
+    # destroy_distributed); a reference left behind (e.g. a default argument bound to the group)
+    # keeps them alive, and one of them can then abort the process on its way out.
+    assert live_gloo_threads() == [], (
+        f"rank {rank}: gloo threads outlive the process group: {live_gloo_threads()}"
+    )
 
 
 # table_wise puts the whole table on rank 0: rank 1's fused optimizer has no param groups at all.

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
             trainer.close("FAILED")
         raise
     finally:
+        trainer = None  # it holds the process group; see destroy_distributed
         destroy_distributed()
 
 

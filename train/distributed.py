@@ -8,12 +8,18 @@ port, so the rest of the trainer never branches on "distributed or not".
 from __future__ import annotations
 
 import datetime
+import gc
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,39 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
 
 
 def destroy_distributed() -> None:
+    """Tear the process group down while the interpreter is still fully alive.
+
+    Drop every object holding the group (the trainer, sharded modules) before calling this. Modules
+    sit in reference cycles, so without the collection here the group is freed only by the garbage
+    collector during interpreter shutdown; a gloo worker thread still releasing a just-finished
+    collective's tensors then needs the GIL that shutdown no longer hands out, and the process
+    aborts ("terminate called without an active exception"). Freed here, the group joins its threads.
+    """
     if dist.is_initialized():
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()  # also drops DeepSpeed's own references to the groups
+        else:
+            dist.destroy_process_group()
+    gc.collect()
+    if left := live_gloo_threads():
+        log.warning("%s %d left; something still holds a process group (see destroy_distributed), and the "
+                    "process may abort at exit", GLOO_THREADS_LEFT, len(left))  # fmt: skip
+
+
+GLOO_THREADS_LEFT = "gloo threads outlive the process groups:"
+
+
+def live_gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (read from /proc on Linux; empty elsewhere)."""
+    tasks = Path("/proc/self/task")
+    names = []
+    for task in tasks.iterdir() if tasks.is_dir() else []:
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            pass
+    return [n for n in names if "gloo" in n]
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

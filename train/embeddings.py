@@ -28,6 +28,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# Imported here, before any process group exists, on purpose. ``torch.distributed.optim`` binds
+# ``dist.group.WORLD`` as a default argument when first imported, and TorchRec's
+# ``apply_optimizer_in_backward`` imports it lazily, i.e. after ``init_process_group``. The default
+# group would then outlive ``destroy_process_group``: on gloo its worker threads stay alive into
+# interpreter shutdown, and one that releases a just-finished collective's tensors there aborts the
+# process ("terminate called without an active exception"). Imported first, the default is None.
+import torch.distributed.optim  # noqa: F401
 from torch import Tensor
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor

@@ -628,7 +628,10 @@ class Trainer:
         return final
 
     def close(self, status: str = "FINISHED") -> None:
+        """End the tracked run and release the DeepSpeed engine (its hooks keep it, and the process
+        groups its parameters hold, alive otherwise; see ``destroy_distributed``)."""
         self.tracker.finish(status)
+        self.engine.destroy()
 
 
 def _vocab(path: Path) -> np.ndarray:
