@@ -628,8 +628,9 @@ class Trainer:
         return final
 
     def close(self, status: str = "FINISHED") -> None:
-        """End the tracked run and release the DeepSpeed engine (its hooks keep it, and the process
-        groups its parameters hold, alive otherwise; see ``destroy_distributed``)."""
+        """End the tracked run and release the DeepSpeed engine: ``destroy`` removes its gradient hooks,
+        which otherwise keep it, and the process groups its parameters hold, alive (see
+        ``destroy_distributed``; under ZeRO-3 DeepSpeed still keeps it)."""
         self.tracker.finish(status)
         self.engine.destroy()
 
