@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from train.config import EmbeddingTableConfig
-from train.distributed import destroy_distributed, live_gloo_threads
+from train.distributed import GLOO_THREADS_LEFT, destroy_distributed, live_gloo_threads
 from train.embeddings import build_item_table, gather_full_table, lookup
 
 pytestmark = pytest.mark.distributed
@@ -50,9 +50,8 @@ def _set_lr_worker(rank: int, world_size: int, init_file: str, sharding: str) ->
     # The group must really be gone, its threads joined, before interpreter shutdown (see
     # destroy_distributed); a reference left behind (e.g. a default argument bound to the group)
     # keeps them alive, and one of them can then abort the process on its way out.
-    assert live_gloo_threads() == [], (
-        f"rank {rank}: gloo threads outlive the process group: {live_gloo_threads()}"
-    )
+    left = live_gloo_threads()
+    assert left == [], f"rank {rank}: {GLOO_THREADS_LEFT} {left}"
 
 
 # table_wise puts the whole table on rank 0: rank 1's fused optimizer has no param groups at all.
