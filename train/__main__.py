@@ -8,7 +8,7 @@ Launch commands (configs in configs/, any key overridable as key.sub=value):
     # one node, N processes (gloo on CPU, nccl on GPUs: chosen automatically)
     torchrun --nproc-per-node 2 -m train --config configs/hstu_ml1m.yaml zero.stage=2
 
-    # several nodes (see slurm/ for sbatch files that do this)
+    # several nodes, one torchrun per node (sbatch files that do this come with slurm/, next wave)
     torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29500 \
         -m train --config configs/hstu_large_ml1m.yaml
 
