@@ -122,16 +122,12 @@ def run_case(args: argparse.Namespace) -> dict:
     model_name, jagged, with_timestamps, scheme = CASES[args.case]
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(
-        name=model_name,
-        embedding_dim=args.dim,
-        num_blocks=args.blocks,
-        num_heads=args.heads,
-        attention_dim=args.dim,
-        linear_dim=args.dim,
-        max_seq_len=args.max_len,
-        jagged=jagged,
-    )
+    shared = dict(embedding_dim=args.dim, num_blocks=args.blocks, num_heads=args.heads, max_seq_len=args.max_len,
+                  jagged=jagged)  # fmt: skip
+    if model_name == "hstu":
+        cfg = ModelConfig(name="hstu", attention_dim=args.dim, linear_dim=args.dim, **shared)
+    else:  # SASRec's feed-forward width is the model width, as HSTU's d_v here
+        cfg = ModelConfig(name="sasrec", ffn_dim=args.dim, **shared)
     encoder = build_encoder(cfg).train()
     table = torch.nn.Embedding(args.num_items + 1, args.dim)
     lengths = torch.from_numpy(sample_lengths(args))

@@ -13,6 +13,10 @@ Dataclasses may define ``validate(self)`` to check values that a type cannot exp
 
 A file may start from another with ``base: other.yaml`` (relative to the file) and list only the
 keys it changes; nested mappings merge key by key, and the overrides apply last.
+
+A section whose keys depend on one of its values (the ``model:`` section: HSTU and TIGER take
+different keys) is a ``ConfigChoice``: its ``name`` picks the dataclass that checks the rest, so each
+choice has exactly its own keys and a key of another choice is an error that says so.
 """
 
 from __future__ import annotations
@@ -35,6 +39,42 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"config key '{key}': {message}")
+
+
+class ConfigChoice:
+    """A config section typed by one of its keys: ``choices[name]`` is the dataclass of the rest.
+
+    Subclass it with ``choices`` (name -> dataclass, the first is the default); each dataclass has a
+    ``name: Literal[...]`` field. Calling the subclass builds the chosen dataclass, so it works as a
+    ``default_factory`` and as a type for ``load_config``::
+
+        class ModelConfig(ConfigChoice):
+            choices = {"hstu": HSTUConfig, "sasrec": SASRecConfig}
+
+        ModelConfig(name="sasrec", num_blocks=3)  # -> SASRecConfig(name="sasrec", num_blocks=3)
+    """
+
+    key = "name"
+    choices: dict[str, type] = {}
+
+    def __new__(cls, **fields: Any):
+        name = fields.get(cls.key, next(iter(cls.choices)))
+        if name not in cls.choices:
+            raise ConfigError(cls.key, f"got {name!r}, allowed values: {', '.join(map(repr, cls.choices))}")
+        return cls.choices[name](**fields)
+
+    @classmethod
+    def pick(cls, data: dict[str, Any], prefix: str) -> type:
+        """The dataclass that ``data`` (a mapping of this section) names."""
+        name = data.get(cls.key, next(iter(cls.choices)))
+        if name not in cls.choices:
+            key = f"{prefix}.{cls.key}" if prefix else cls.key
+            raise ConfigError(key, f"got {name!r}, allowed values: {', '.join(map(repr, cls.choices))}")
+        return cls.choices[name]
+
+
+def _is_choice(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, ConfigChoice)
 
 
 def _type_name(tp: Any) -> str:
@@ -81,7 +121,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(key, f"got {value!r}, expected a mapping")
         _, val_tp = get_args(tp) or (str, Any)
         return {str(k): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
+    if _is_choice(tp) or dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(key, f"got {value!r}, expected a mapping of {tp.__name__} fields")
         return from_dict(tp, value, prefix=key)
@@ -113,12 +153,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and bad values."""
+    chosen_by = ""
+    if _is_choice(cls):
+        choice = cls
+        cls = choice.pick(data, prefix)
+        chosen_by = f" (for {prefix + '.' if prefix else ''}{choice.key}={data.get(choice.key, next(iter(choice.choices)))})"
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         name = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        raise ConfigError(name, f"unknown key; allowed keys here: {', '.join(sorted(fields))}")
+        raise ConfigError(name, f"unknown key{chosen_by}; allowed keys here: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name

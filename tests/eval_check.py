@@ -31,7 +31,7 @@ from train.trainer import Trainer
 def brute_force_valid(trainer: Trainer) -> dict:
     cfg, device = trainer.cfg, trainer.device
     module = trainer.engine.module.eval()
-    raw = lookup(trainer.table, torch.arange(trainer.num_items + 1), device).float()
+    raw = lookup(trainer.task.table, torch.arange(trainer.num_items + 1), device).float()
     unit = F.normalize(raw, dim=-1)
     manifest = load_manifest(cfg.data.dir)
     hits, ndcg, rr = [], [], []

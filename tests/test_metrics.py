@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from train.evaluation import evaluate_popularity
 from train.metrics import (
     NOT_FOUND_RANK,
     RetrievalMetrics,
-    evaluate_popularity,
     item_counts,
     popularity_baseline,
     popularity_ranks,

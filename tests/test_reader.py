@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import train.reader as reader_module
-from train.batch import SequenceBatch, collate_rows, split_last
+from train.batch import SequenceBatch, collate_rows, split_inputs_targets, split_last
 from train.reader import SequenceDataset, load_manifest
-from train.trainer import split_inputs_targets
 
 SPLITS = ("train", "valid", "test")
 

@@ -26,7 +26,7 @@ def make_batch(lengths: list[int], dim: int, seed: int = 0):
 
 def small_cfg(**overrides) -> ModelConfig:
     base = dict(
-        name="sasrec", embedding_dim=8, num_blocks=2, num_heads=2, linear_dim=6, dropout=0.0, max_seq_len=12
+        name="sasrec", embedding_dim=8, num_blocks=2, num_heads=2, ffn_dim=6, dropout=0.0, max_seq_len=12
     )
     base.update(overrides)
     cfg = ModelConfig(**base)

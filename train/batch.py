@@ -4,7 +4,8 @@ A ``SequenceBatch`` holds B user rows of different lengths as one flat ``item_id
 ``lengths``/``offsets`` (row ``i`` is ``item_ids[offsets[i]:offsets[i + 1]]``), which maps directly
 onto a TorchRec ``KeyedJaggedTensor`` (values + lengths) and onto HSTU's ``seq_offsets``. Rows are
 the stored rows of docs/data_format.md unchanged: the trainer decides what is input and what is target
-(``split_last`` does the usual valid/test split: last item = target).
+(``split_last`` does the usual valid/test split: last item = target; ``split_inputs_targets`` cuts
+rows into next-item inputs and targets).
 
 Collation never loops over rows in Python: it reads the Arrow list offsets and the flat values buffer.
 """
@@ -12,13 +13,14 @@ Collation never loops over rows in Python: it reads the Arrow list offsets and t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor
 
-__all__ = ["SequenceBatch", "collate_rows", "split_last"]
+__all__ = ["ModelInputs", "SequenceBatch", "collate_rows", "split_inputs_targets", "split_last"]
 
 
 @dataclass
@@ -177,3 +179,46 @@ def split_last(batch: SequenceBatch) -> tuple[SequenceBatch, Tensor]:
         timestamps=None if batch.timestamps is None else batch.timestamps[keep],
     )
     return history, targets
+
+
+class ModelInputs(NamedTuple):
+    """One batch cut into what the encoder and the loss take (``split_inputs_targets``)."""
+
+    input_ids: Tensor  # [T] the jagged inputs
+    offsets: Tensor  # [B+1] row boundaries of input_ids
+    timestamps: Tensor | None  # [T] each input's time
+    target_timestamps: Tensor | None  # [T] the time of the item after each input (even if last_only)
+    targets: Tensor  # [T] the next item of each input, or [B] each row's last item (last_only)
+    keep_rows: Tensor  # [rows of the batch] bool: the rows kept (those with at least 2 items)
+
+    def times_on(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
+        """``(timestamps, target_timestamps)`` on ``device``; None stays None (data without times)."""
+        return tuple(None if t is None else t.to(device) for t in (self.timestamps, self.target_timestamps))
+
+
+def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool) -> ModelInputs:
+    """Cut stored rows into model inputs and targets (docs/data_format.md).
+
+    Rows are first cut to their most recent ``max_seq_len + 1`` items. Inputs are each row without
+    its last item; targets are each row without its first (``last_only``: only the last item, for
+    eval). Rows with fewer than 2 items are dropped.
+    """
+    lengths = batch.lengths
+    keep_rows = lengths >= 2
+    row_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    pos = torch.arange(len(batch.item_ids)) - batch.offsets[:-1][row_of]
+    cut = torch.clamp(lengths - (max_seq_len + 1), min=0)
+    keep = (pos >= cut[row_of]) & keep_rows[row_of]
+    last = pos == (lengths - 1)[row_of]
+    after_first = keep & ~(pos == cut[row_of])  # each kept row without its first item
+    in_mask = keep & ~last
+    input_ids = batch.item_ids[in_mask]
+    in_lengths = (torch.minimum(lengths, torch.full_like(lengths, max_seq_len + 1)) - 1).clamp(min=0)
+    in_lengths = in_lengths[keep_rows]
+    offsets = torch.zeros(len(in_lengths) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(in_lengths, 0)
+    ts = target_ts = None
+    if batch.timestamps is not None:
+        ts, target_ts = batch.timestamps[in_mask], batch.timestamps[after_first]
+    targets = batch.item_ids[keep & last] if last_only else batch.item_ids[after_first]
+    return ModelInputs(input_ids, offsets, ts, target_ts, targets, keep_rows)

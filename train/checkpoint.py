@@ -4,7 +4,8 @@ Layout of one checkpoint::
 
     checkpoints/step_00001234/
         meta.json               model shape, world size, ... (checked on load)
-        sparse/                 DCP: item table shards + their optimizer state (reshardable)
+        sparse/                 DCP: every embedding table's shards + optimizer state, by table name
+                                (reshardable); absent for a task without tables
         dense/dense/            DeepSpeed engine: encoder, optimizer, LR scheduler (ZeRO partitions)
         trainer_rank{r}.pt      loop state: step, epoch, reader position, best metric, history
 
@@ -36,8 +37,12 @@ logger = logging.getLogger(__name__)
 _PREFIX = "step_"
 
 
-def _sparse_state(table: ShardedItemTable) -> dict:
-    return {"model": table.module.state_dict(), "optim": table.optimizer.state_dict()}
+def _sparse_state(tables: dict[str, ShardedItemTable]) -> dict:
+    """One DCP state for all tables: ``{name: {"model": ..., "optim": ...}}``."""
+    return {
+        name: {"model": t.module.state_dict(), "optim": t.optimizer.state_dict()}
+        for name, t in tables.items()
+    }
 
 
 class CheckpointManager:
@@ -61,9 +66,12 @@ class CheckpointManager:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, step: int, table: ShardedItemTable, engine, trainer_state: dict, meta: dict,
+    def save(self, step: int, tables: dict[str, ShardedItemTable], engine, trainer_state: dict, meta: dict,
              protect_step: int = -1) -> Path:  # fmt: skip
-        """Collective: every rank calls it. Returns the final path."""
+        """Collective: every rank calls it. ``tables``: the task's embedding tables by name (may be empty).
+
+        Returns the final path.
+        """
         rank = dist.get_rank()
         final, tmp = self.path_for(step), self.root / f".tmp_{_PREFIX}{step:08d}"
         if rank == 0:
@@ -72,7 +80,8 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir()
         dist.barrier()
-        dcp.save(_sparse_state(table), checkpoint_id=str(tmp / "sparse"))
+        if tables:
+            dcp.save(_sparse_state(tables), checkpoint_id=str(tmp / "sparse"))
         # save_latest: DeepSpeed's ZeRO-3 module-only load (best checkpoint, other world size) ignores
         # the tag and reads dense/latest (deepspeed 0.19 engine._load_checkpoint).
         engine.save_checkpoint(str(tmp / "dense"), tag="dense", save_latest=True)
@@ -96,9 +105,18 @@ class CheckpointManager:
                 shutil.rmtree(old, ignore_errors=True)
 
     def load(
-        self, path: Path, table: ShardedItemTable, engine, meta: dict, dense_module_only: bool = False
+        self,
+        path: Path,
+        tables: dict[str, ShardedItemTable],
+        engine,
+        meta: dict,
+        dense_module_only: bool = False,
     ) -> dict:
-        """Load into the live table and engine; returns this rank's trainer state. Collective."""
+        """Load into the live tables and engine; returns this rank's trainer state. Collective.
+
+        ``meta`` is the task's ``checkpoint_meta()``; every key of it but ``world_size`` and
+        ``zero_stage`` (which only change the layout) must match the saved one.
+        """
         path = Path(path)
         meta_path = path / "meta.json"
         if not meta_path.is_file():
@@ -112,18 +130,23 @@ class CheckpointManager:
                 f"holds {meta.get('num_items')}: it is another model's (or another data set's) checkpoint. Point "
                 "data.dir at the data it was trained on, or start fresh (another run.output_dir, or run.resume=never)."
             )
-        for key in ("model", "embedding_dim", "num_blocks", "num_heads"):
+        for key in meta:
+            if key in ("num_items", "world_size", "zero_stage"):
+                continue
             if saved.get(key) != meta.get(key):
                 raise ValueError(
                     f"checkpoint {path} is of another model: {key}={saved.get(key)!r} there, {meta.get(key)!r} in "
                     "this config. Point run.output_dir at a fresh directory, or set run.resume=never."
                 )
-        if table.data_parallel:
-            table.optimizer.init_state()  # torch optimizers create their state lazily; DCP loads in place
-        state = _sparse_state(table)
-        dcp.load(state, checkpoint_id=str(path / "sparse"))
-        table.module.load_state_dict(state["model"])
-        table.optimizer.load_state_dict(state["optim"])
+        for table in tables.values():
+            if table.data_parallel:  # torch optimizers create their state lazily; DCP loads in place
+                table.optimizer.init_state()
+        if tables:
+            state = _sparse_state(tables)
+            dcp.load(state, checkpoint_id=str(path / "sparse"))
+            for name, table in tables.items():
+                table.module.load_state_dict(state[name]["model"])
+                table.optimizer.load_state_dict(state[name]["optim"])
         same_layout = saved.get("world_size") == meta.get("world_size") and saved.get(
             "zero_stage"
         ) == meta.get("zero_stage")

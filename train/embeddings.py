@@ -15,8 +15,9 @@ Two kinds of sharding:
   optimizer stepped after backward (``ShardedItemTable.step``), so Adam works on CPU too, and, as in
   the HSTU reference, it updates every row (its moments decay even for rows absent from the batch).
 
-One table (``item_table``) with one feature, ``item_ids``. The trainer looks up each id of a
-step once (the unique ids of inputs, targets and negatives together) and indexes the result
+Each table is its own ``EmbeddingCollection`` with one feature, planned and sharded on its own
+(the retrieval task has one, ``item_table`` with feature ``item_ids``; TIGER has a token table). The
+retrieval task looks up each id of a step once (the unique ids of inputs, targets and negatives together) and indexes the result
 locally: with sampled negatives most lookups are repeats, and deduplicating them shrinks the
 embedding all-to-all and the fused backward by an order of magnitude.
 """
@@ -54,13 +55,12 @@ logger = logging.getLogger(__name__)
 
 TABLE = "item_table"
 FEATURES = ["item_ids"]
-WEIGHT_KEY = f"embeddings.{TABLE}.weight"
 _INIT_CHUNK_ROWS = 8192
 
 
 @dataclass
 class ShardedItemTable:
-    """The DMP-wrapped table plus what the trainer needs to know about it."""
+    """A DMP-wrapped embedding table plus what the trainer needs to know about it."""
 
     module: DistributedModelParallel
     plan: ShardingPlan
@@ -72,6 +72,13 @@ class ShardedItemTable:
     lr: float
     # data_parallel only: the optimizer stepped after backward (model-parallel tables are fused).
     replicated_optimizer: KeyedOptimizerWrapper | None = None
+    name: str = TABLE  # the TorchRec table name
+    feature: str = FEATURES[0]  # its one feature
+
+    @property
+    def weight_key(self) -> str:
+        """The key of the weight in ``module.state_dict()``."""
+        return f"embeddings.{self.name}.weight"
 
     @property
     def data_parallel(self) -> bool:
@@ -129,12 +136,24 @@ def build_item_table(
     cfg: EmbeddingTableConfig, num_items: int, embedding_dim: int, device: torch.device, seed: int
 ) -> ShardedItemTable:
     """Plan, shard and initialise the item table (``num_items + 1`` rows: row 0 is padding)."""
-    num_embeddings = num_items + 1
+    return build_table(cfg, num_items + 1, embedding_dim, device, seed)
+
+
+def build_table(
+    cfg: EmbeddingTableConfig,
+    num_embeddings: int,
+    embedding_dim: int,
+    device: torch.device,
+    seed: int,
+    name: str = TABLE,
+    feature: str = FEATURES[0],
+) -> ShardedItemTable:
+    """Plan, shard and initialise one table of ``num_embeddings`` rows under ``cfg`` (a collective)."""
     table_dim = -(-embedding_dim // 4) * 4
     ec = EmbeddingCollection(
         tables=[
             EmbeddingConfig(
-                name=TABLE, embedding_dim=table_dim, num_embeddings=num_embeddings, feature_names=FEATURES
+                name=name, embedding_dim=table_dim, num_embeddings=num_embeddings, feature_names=[feature]
             )
         ],
         device=torch.device("meta"),
@@ -155,7 +174,7 @@ def build_item_table(
     constraint = ParameterConstraints(sharding_types=[cfg.sharding_type], compute_kernels=[kernel])
     if cfg.min_partition is not None:
         constraint.min_partition = cfg.min_partition
-    planner = EmbeddingShardingPlanner(topology=Topology(**topology_kwargs), constraints={TABLE: constraint})
+    planner = EmbeddingShardingPlanner(topology=Topology(**topology_kwargs), constraints={name: constraint})
     sharder = EmbeddingCollectionSharder()
     pg = dist.GroupMember.WORLD
     try:
@@ -174,7 +193,7 @@ def build_item_table(
         params = dict(module.named_parameters())
         replicated_optimizer = KeyedOptimizerWrapper(params, lambda ps: opt_cls(ps, **opt_kwargs))
     table = ShardedItemTable(
-        module, plan, num_embeddings, embedding_dim, table_dim, cfg.lr, replicated_optimizer
+        module, plan, num_embeddings, embedding_dim, table_dim, cfg.lr, replicated_optimizer, name, feature
     )
     init_table_(table, cfg.init_std, seed)
     return table
@@ -188,7 +207,7 @@ def init_table_(table: ShardedItemTable, std: float, seed: int) -> None:
     different world sizes or sharding types. Generating fixed row chunks from the seed makes the
     initial table independent of the plan, which is what lets tests compare sharded with unsharded.
     """
-    weight = table.module.state_dict()[WEIGHT_KEY]
+    weight = table.module.state_dict()[table.weight_key]
     dim = table.table_dim
     if isinstance(weight, ShardedTensor):
         shards = [(s.tensor, s.metadata.shard_offsets, s.metadata.shard_sizes) for s in weight.local_shards()]
@@ -219,8 +238,8 @@ def lookup(table: ShardedItemTable, ids: Tensor, device: torch.device) -> Tensor
         lengths = torch.ones(len(ids), dtype=torch.long)
     else:
         lengths = torch.tensor([len(ids)])
-    kjt = KeyedJaggedTensor(keys=FEATURES, values=ids, lengths=lengths).to(device)
-    return table.module(kjt)[FEATURES[0]].values()[:, : table.embedding_dim]
+    kjt = KeyedJaggedTensor(keys=[table.feature], values=ids, lengths=lengths).to(device)
+    return table.module(kjt)[table.feature].values()[:, : table.embedding_dim]
 
 
 @torch.no_grad()
@@ -231,7 +250,7 @@ def gather_full_table(table: ShardedItemTable, device: torch.device, chunk_rows:
     type), then the slices are all-gathered.
     """
     if table.data_parallel:  # every rank already holds it
-        weight = table.module.state_dict()[WEIGHT_KEY]
+        weight = table.module.state_dict()[table.weight_key]
         return weight[:, : table.embedding_dim].detach().clone().to(device)
     world, rank = dist.get_world_size(), dist.get_rank()
     per_rank = -(-table.num_embeddings // world)

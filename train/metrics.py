@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -46,7 +45,6 @@ __all__ = [
     "item_counts",
     "popularity_ranks",
     "popularity_baseline",
-    "evaluate_popularity",
 ]
 
 logger = logging.getLogger(__name__)
@@ -445,26 +443,4 @@ def popularity_baseline(
     """
     metrics = RetrievalMetrics(ks_hr, ks_ndcg)
     metrics.update(popularity_ranks(train_item_counts, target_ids, exclude_values, exclude_offsets))
-    return metrics.compute(all_reduce=False)
-
-
-def evaluate_popularity(
-    data_dir: str | os.PathLike,
-    split: str = "test",
-    batch_size: int = 4096,
-    ks_hr: Sequence[int] = (1, 10, 50, 200),
-    ks_ndcg: Sequence[int] = (10, 50, 200),
-) -> dict[str, float]:
-    """Popularity baseline on ``split`` of a prepared data directory, item counts from its train split."""
-    from train.batch import split_last
-    from train.reader import SequenceDataset, load_manifest
-
-    num_items = int(load_manifest(data_dir)["num_items"])
-    counts = torch.zeros(num_items + 1, dtype=torch.long)
-    for batch in SequenceDataset(data_dir, "train", batch_size, shuffle=False):
-        counts += item_counts(batch.item_ids, num_items)
-    metrics = RetrievalMetrics(ks_hr, ks_ndcg)
-    for batch in SequenceDataset(data_dir, split, batch_size, shuffle=False):
-        history, targets = split_last(batch)
-        metrics.update(popularity_ranks(counts, targets, history.item_ids, history.offsets))
     return metrics.compute(all_reduce=False)

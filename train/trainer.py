@@ -1,20 +1,21 @@
-"""The training loop: sharded item table (TorchRec) + dense encoder (DeepSpeed) + eval + checkpoints.
+"""The training loop, for every model family: tables (TorchRec) + dense model (DeepSpeed) + eval + checkpoints.
 
-A ``Trainer`` owns the pieces and has a handful of methods: ``train_step``, ``train``, ``evaluate``,
-``state_dict`` / ``load_state_dict`` (via ``train/checkpoint.py``) and ``close``.
+A ``Trainer`` owns the loop and has a handful of methods: ``train_step``, ``train``, ``evaluate``,
+``save_checkpoint`` / ``maybe_resume`` (via ``train/checkpoint.py``), ``finish`` and ``close``. What is
+specific to a model family (its tables, its dense module, the loss of a batch, how it ranks items) is
+a *task* (``train/tasks``), chosen by ``model.name``; evaluation is ``train/evaluation.py``.
 
-Gradient bookkeeping (the one subtle part). Each rank's loss is ``sum of its position losses *
-world_size / global positions``: DeepSpeed averages dense gradients over ranks, which turns that into
-the mean over all positions of the global batch. TorchRec *sums* the table gradients arriving from
-every rank, so the lookups pass through ``_ScaleGrad(grad_accum / world_size)`` to get the same mean
-(and undo DeepSpeed's 1/grad_accum). A data_parallel table is different: TorchRec's DDP *averages*
-its gradients, so only the grad_accum factor applies. Hence one global objective whatever the world
-size and sharding, which the sharded-vs-single-process test checks.
+Gradient bookkeeping (the one subtle part). Each rank's loss is ``sum of its loss terms *
+world_size / global terms``: DeepSpeed averages dense gradients over ranks, which turns that into
+the mean over all terms of the global batch. TorchRec *sums* the table gradients arriving from
+every rank, so task lookups go through ``StepContext.lookup``, which scales them by
+``grad_accum / world_size`` to get the same mean (and undo DeepSpeed's 1/grad_accum). A
+data_parallel table is different: TorchRec's DDP *averages* its gradients, so only the grad_accum
+factor applies. Hence one global objective whatever the world size and sharding, which the
+sharded-vs-single-process test checks.
 
-Randomness (negatives, dropout) is a function of (seed, step, rank), so a resumed run draws exactly
-what the uninterrupted run would have drawn.
-
-Shapes: T = tokens in the batch (jagged), B = rows, D = embedding dim, K = negatives, I = items + 1.
+Randomness (negatives, dropout) is a function of (seed, step, rank) inside each task, so a resumed
+run draws exactly what the uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
@@ -22,20 +23,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import deepspeed
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
 from cluster.config import flatten, save_config, to_dict
@@ -43,76 +38,13 @@ from train import checkpoint as ckpt
 from train.batch import SequenceBatch
 from train.config import TrainConfig
 from train.distributed import DistInfo, all_reduce_sum
-from train.embeddings import build_item_table, gather_full_table, lookup
-from train.metrics import RetrievalMetrics, evaluate_popularity, rank_of_targets, topk_items
-from train.models import (
-    build_encoder,
-    full_softmax_loss,
-    in_batch_softmax_loss,
-    sample_negatives,
-    sampled_softmax_loss,
-)
+from train.evaluation import Evaluator, evaluate_popularity
 from train.reader import SequenceDataset, load_manifest
+from train.tasks import StepContext, build_task
 from train.tracking import default_tags, make_tracker
 from train.zero import build_engine, deepspeed_config
 
 logger = logging.getLogger(__name__)
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; multiplies the gradient by ``scale`` in backward."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, scale: float) -> Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad * ctx.scale, None
-
-
-class ModelInputs(NamedTuple):
-    """One batch cut into what the encoder and the loss take (``split_inputs_targets``)."""
-
-    input_ids: Tensor  # [T] the jagged inputs
-    offsets: Tensor  # [B+1] row boundaries of input_ids
-    timestamps: Tensor | None  # [T] each input's time
-    target_timestamps: Tensor | None  # [T] the time of the item after each input (even if last_only)
-    targets: Tensor  # [T] the next item of each input, or [B] each row's last item (last_only)
-    keep_rows: Tensor  # [rows of the batch] bool: the rows kept (those with at least 2 items)
-
-    def times_on(self, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
-        """``(timestamps, target_timestamps)`` on ``device``; None stays None (data without times)."""
-        return tuple(None if t is None else t.to(device) for t in (self.timestamps, self.target_timestamps))
-
-
-def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool) -> ModelInputs:
-    """Cut stored rows into model inputs and targets (docs/data_format.md).
-
-    Rows are first cut to their most recent ``max_seq_len + 1`` items. Inputs are each row without
-    its last item; targets are each row without its first (``last_only``: only the last item, for
-    eval). Rows with fewer than 2 items are dropped.
-    """
-    lengths = batch.lengths
-    keep_rows = lengths >= 2
-    row_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    pos = torch.arange(len(batch.item_ids)) - batch.offsets[:-1][row_of]
-    cut = torch.clamp(lengths - (max_seq_len + 1), min=0)
-    keep = (pos >= cut[row_of]) & keep_rows[row_of]
-    last = pos == (lengths - 1)[row_of]
-    after_first = keep & ~(pos == cut[row_of])  # each kept row without its first item
-    in_mask = keep & ~last
-    input_ids = batch.item_ids[in_mask]
-    in_lengths = (torch.minimum(lengths, torch.full_like(lengths, max_seq_len + 1)) - 1).clamp(min=0)
-    in_lengths = in_lengths[keep_rows]
-    offsets = torch.zeros(len(in_lengths) + 1, dtype=torch.long)
-    offsets[1:] = torch.cumsum(in_lengths, 0)
-    ts = target_ts = None
-    if batch.timestamps is not None:
-        ts, target_ts = batch.timestamps[in_mask], batch.timestamps[after_first]
-    targets = batch.item_ids[keep & last] if last_only else batch.item_ids[after_first]
-    return ModelInputs(input_ids, offsets, ts, target_ts, targets, keep_rows)
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -130,24 +62,19 @@ class Trainer:
         self.output_dir = Path(cfg.run.output_dir)
         self.manifest = load_manifest(cfg.data.dir)
         self.num_items = int(self.manifest["num_items"])
-        self.has_timestamps = bool(self.manifest.get("has_timestamps", False))
-        if cfg.model.name == "hstu" and cfg.model.use_time_bias and not self.has_timestamps:
-            logger.warning(
-                "%s has no timestamps: HSTU's relative attention bias uses positions only", cfg.data.dir
-            )
+        self.task = build_task(cfg, info, self.manifest)
+        self.task.warn_about_data()
         for key in ("batch_size", "eval_batch_size"):
             if getattr(cfg.data, key) % info.world_size:
                 raise ValueError(
                     f"data.{key}={getattr(cfg.data, key)} is the global batch; it must be divisible by the "
                     f"world size {info.world_size}"
                 )
-        self.max_seq_len = cfg.model.max_seq_len
+        self.max_seq_len = self.task.max_seq_len
 
-        self.table = build_item_table(
-            cfg.embeddings, self.num_items, cfg.model.embedding_dim, self.device, cfg.run.seed
-        )
+        self.tables = self.task.build_tables()
         torch.manual_seed(cfg.run.seed)  # identical dense init on every rank
-        encoder = build_encoder(cfg.model).to(self.device)
+        dense = self.task.build_dense().to(self.device)
 
         # train_valid trains on the valid rows (every item but the test target); see DataConfig.
         train_split = ["valid" if cfg.data.train_split == "train_valid" else "train"]
@@ -168,7 +95,7 @@ class Trainer:
         self.steps_per_epoch = int(self._all_reduce(torch.tensor([local_batches]), dist.ReduceOp.MIN).item())
         total_steps = cfg.run.epochs * self.steps_per_epoch // cfg.optim.grad_accum_steps
         self.ds_config = deepspeed_config(cfg, info.world_size, self.device)
-        self.engine = build_engine(encoder, cfg, self.ds_config, total_steps)
+        self.engine = build_engine(dense, cfg, self.ds_config, total_steps)
         self.dense_dtype = next(self.engine.module.parameters()).dtype
 
         self.step = 0  # micro-steps (batches) done in total
@@ -189,6 +116,7 @@ class Trainer:
         self.tracker = make_tracker(
             cfg.tracking, rank=info.rank, run_dir=self.output_dir, default_uri=default_uri
         )
+        self.evaluator = Evaluator(cfg, info, self.manifest)
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -197,13 +125,11 @@ class Trainer:
         dist.all_reduce(t, op=op)
         return t.cpu()
 
-    def _seed_step(self, step: int) -> None:
-        torch.manual_seed(self.cfg.run.seed * 1_000_003 + step * 1009 + self.info.rank)
-
     def describe(self) -> dict:
         """What is written to the run directory and MLflow at the start."""
+        plans = [f"# table {name}\n{t.plan_text()}" for name, t in self.tables.items()]
         return {
-            "sharding_plan": self.table.plan_text(),
+            "sharding_plan": "\n".join(plans) if plans else "(this task has no embedding tables)",
             "deepspeed_config": self.ds_config,
             "num_items": self.num_items,
             "steps_per_epoch": self.steps_per_epoch,
@@ -216,53 +142,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- train
 
-    def train_step(self, batch: SequenceBatch, num_global_positions: int) -> dict:
-        """One forward/backward/step on this rank's batch; the loss is the global-batch mean."""
-        cfg, world = self.cfg, self.info.world_size
-        inputs = split_inputs_targets(batch, self.max_seq_len, last_only=False)
-        input_ids, offsets, targets = inputs.input_ids, inputs.offsets, inputs.targets
-        in_lengths = offsets[1:] - offsets[:-1]
-        num_rows = len(in_lengths)
-        gen = torch.Generator()
-        neg_ids = torch.empty(0, dtype=torch.long)
-        if cfg.loss.negatives == "shared":  # same draw on every rank: one global set per step
-            gen.manual_seed(cfg.run.seed * 7919 + self.step)
-            neg_ids = sample_negatives(self.num_items, (cfg.loss.num_negatives,), gen)
-        elif cfg.loss.negatives == "full":  # every item: the exact softmax
-            neg_ids = torch.arange(1, self.num_items + 1, dtype=torch.long)
-        elif cfg.loss.negatives == "per_position":
-            gen.manual_seed(cfg.run.seed * 7919 + self.step * 1009 + self.info.rank)
-            neg_ids = sample_negatives(self.num_items, (len(targets), cfg.loss.num_negatives), gen)
-        self._seed_step(self.step)
-        # One lookup per distinct id (inputs, targets and negatives overlap heavily), then local indexing;
-        # the index backward sums the repeats' gradients before they reach the table.
-        unique_ids, inverse = torch.unique(
-            torch.cat([input_ids, targets, neg_ids.reshape(-1)]), return_inverse=True
-        )
-        # Model-parallel tables sum the ranks' gradients (so divide by world); DDP averages data_parallel ones.
-        sparse_scale = cfg.optim.grad_accum_steps / (world if self.table.grad_sum_over_ranks else 1)
-        if self.ds_config["fp16"]["enabled"]:
-            sparse_scale /= float(getattr(self.engine.optimizer, "cur_scale", 1.0))
-        emb_UD = _ScaleGrad.apply(lookup(self.table, unique_ids, self.device), sparse_scale)
-        inverse = inverse.to(self.device)
-        num_inputs, num_targets = len(input_ids), len(targets)
-        seq_emb = emb_UD[inverse[:num_inputs]].to(self.dense_dtype)
-        tgt_emb = emb_UD[inverse[num_inputs : num_inputs + num_targets]]
-        neg_emb = emb_UD[inverse[num_inputs + num_targets :]].view(*neg_ids.shape, -1)
+    def _step_context(self) -> StepContext:
+        fp16 = self.ds_config["fp16"]["enabled"]
+        return StepContext(
+            step=self.step, seed=self.cfg.run.seed, rank=self.info.rank, world_size=self.info.world_size,
+            device=self.device, dense=self.engine, dense_dtype=self.dense_dtype,
+            grad_accum_steps=self.cfg.optim.grad_accum_steps,
+            loss_scale=float(getattr(self.engine.optimizer, "cur_scale", 1.0)) if fp16 else 1.0,
+        )  # fmt: skip
 
-        max_len = int(in_lengths.max().item()) if num_rows else 0
-        query = self.engine(seq_emb, offsets.to(self.device), max_len, *inputs.times_on(self.device))
-        query = query.float()
-        targets_d = targets.to(self.device)
-        if cfg.loss.negatives == "in_batch":
-            loss_sum, num = in_batch_softmax_loss(query, tgt_emb, targets_d, cfg.loss.temperature)
-        elif cfg.loss.negatives == "full":  # neg_emb holds items 1..I in id order
-            loss_sum, num = full_softmax_loss(query, neg_emb, targets_d, cfg.loss.temperature)
-        else:
-            loss_sum, num = sampled_softmax_loss(
-                query, tgt_emb, targets_d, neg_emb, neg_ids.to(self.device), cfg.loss.temperature
-            )
-        loss = loss_sum * (world / max(1, num_global_positions))
+    def train_step(self, batch: SequenceBatch, num_global_targets: int) -> dict:
+        """One forward/backward/step on this rank's batch; the loss is the global-batch mean."""
+        loss_sum, num = self.task.train_loss(batch, self._step_context())
+        loss = loss_sum * (self.info.world_size / max(1, num_global_targets))
         self.engine.backward(loss)
         grad_norm = None
         if self.cfg.zero.stage == 0 and self.engine.is_gradient_accumulation_boundary():
@@ -273,7 +165,8 @@ class Trainer:
             )
         self.engine.step()
         self._sync_table_lr()
-        self.table.step()
+        for table in self.tables.values():
+            table.step()
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         self.last_grad_norm = None if grad_norm is None else float(grad_norm)
@@ -287,7 +180,8 @@ class Trainer:
         """
         emb = self.cfg.embeddings
         factor = self.engine.get_lr()[0] / self.cfg.optim.lr if emb.schedule == "dense" else 1.0
-        self.table.set_lr(emb.lr * factor)
+        for table in self.tables.values():
+            table.set_lr(emb.lr * factor)
 
     def _make_progress(self, total: int):
         mode = self.cfg.run.progress_bar
@@ -310,9 +204,9 @@ class Trainer:
             save_config(cfg, self.output_dir / "config.yaml")
         logger.info("sharding plan:\n%s", info["sharding_plan"])
         logger.info(
-            "%d items, %d dense params, %d steps/epoch, world size %d (backend %s, %s), negatives=%s",
+            "%d items, %d dense params, %d steps/epoch, world size %d (backend %s, %s), %s",
             self.num_items, info["num_dense_params"], self.steps_per_epoch, self.info.world_size,
-            self.info.backend, self.device, cfg.loss.describe(),
+            self.info.backend, self.device, self.task.log_summary(),
         )  # fmt: skip
         if self.step == 0:
             self.tracker.log_params(flatten(to_dict(cfg)))
@@ -337,11 +231,7 @@ class Trainer:
                 if max_steps and self.step >= max_steps:
                     break
                 batch = next(loader, None)
-                n_local = (
-                    int((batch.lengths.clamp(max=self.max_seq_len + 1) - 1).clamp(min=0).sum())
-                    if batch
-                    else 0
-                )
+                n_local = self.task.count_targets(batch, self._step_context())
                 has, n_global = all_reduce_sum(
                     [1.0 if batch is not None else 0.0, float(n_local)], self.device
                 )
@@ -389,7 +279,10 @@ class Trainer:
         metrics = {
             "train/loss": loss_sum / max(1.0, positions),
             "train/lr": self.engine.get_lr()[0],
-            "train/table_lr": self.table.lr,
+            **{
+                f"train/{n}_lr" if n != "item_table" else "train/table_lr": t.lr
+                for n, t in self.tables.items()
+            },
             "train/tokens_per_s": tokens / max(seconds, 1e-9),
             "train/peak_memory_mib": peak_memory_mib(self.device),
             "train/epoch": self.epoch + self.batches_in_epoch / max(1, self.steps_per_epoch),
@@ -446,13 +339,13 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- eval
 
-    def _eval_encoder(self) -> torch.nn.Module:
-        """A plain (hook-free) copy of the dense encoder with full parameters, in eval mode.
+    def _eval_module(self) -> torch.nn.Module:
+        """A plain (hook-free) copy of the dense module with full parameters, in eval mode.
 
         Under ZeRO-3 the engine's parameters are partitioned and its forward is a collective; a
         local replica lets every rank evaluate its own users without matching the others call for call.
         """
-        replica = build_encoder(self.cfg.model).to(self.device)
+        replica = self.task.build_dense().to(self.device)
         params = list(self.engine.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.zero.stage == 3):
             replica.load_state_dict(
@@ -463,71 +356,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str, predictions_path: Path | None = None) -> dict:
         """Retrieval over all items (history excluded) for every user of ``split``, over all ranks."""
-        # Inputs take the raw rows, as in training; scores use the L2-normalised rows, as the loss does.
-        raw_ID = gather_full_table(self.table, self.device).float()
-        table_ID = F.normalize(raw_ID, dim=-1)
-        encoder = self._eval_encoder()
-        data = SequenceDataset(
-            self.cfg.data.dir, split, self.cfg.data.eval_batch_size // self.info.world_size,
-            rank=self.info.rank, world_size=self.info.world_size, shuffle=False, seed=self.cfg.run.seed,
-        )  # fmt: skip
-        metrics = RetrievalMetrics()
-        rows = []
-        for batch in data:
-            inputs = split_inputs_targets(batch, self.max_seq_len, last_only=True)
-            input_ids, offsets, targets = inputs.input_ids, inputs.offsets, inputs.targets
-            if len(targets) == 0:
-                continue
-            input_ids_d, offsets_d = input_ids.to(self.device), offsets.to(self.device)
-            max_len = int((offsets[1:] - offsets[:-1]).max())
-            query_TD = encoder(raw_ID[input_ids_d], offsets_d, max_len, *inputs.times_on(self.device))
-            query_BD = query_TD[offsets_d[1:] - 1]
-            scores_BI = query_BD @ table_ID.T
-            targets_d = targets.to(self.device)
-            metrics.update(rank_of_targets(scores_BI, targets_d, input_ids_d, offsets_d))
-            if predictions_path is not None:
-                # The target is never excluded (as in rank_of_targets), so the file reproduces the metrics.
-                top = topk_items(scores_BI, input_ids_d, offsets_d, k=min(self.cfg.eval.top_k, self.num_items),
-                                 keep_ids=targets_d)  # fmt: skip
-                rows.append((batch.user_ids[inputs.keep_rows].numpy(), targets.numpy(), top.cpu().numpy()))
-        result = metrics.compute()
-        if predictions_path is not None:
-            self._write_predictions(rows, predictions_path)
-        return result
-
-    def _write_predictions(self, rows: list, path: Path) -> None:
-        """Per test user: raw user id, raw target id, top-k raw item ids in rank order (rank 0 merges)."""
-        users = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, np.int64)
-        targets = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, np.int64)
-        k = self.cfg.eval.top_k
-        top = np.concatenate([r[2] for r in rows]) if rows else np.zeros((0, k), np.int64)
-        part = path.with_name(f".{path.stem}.rank{self.info.rank}.npz")
-        np.savez(part, users=users, targets=targets, top=top)
-        dist.barrier()
-        if self.info.is_main:
-            parts = [
-                np.load(path.with_name(f".{path.stem}.rank{r}.npz")) for r in range(self.info.world_size)
-            ]
-            users = np.concatenate([p["users"] for p in parts])
-            targets = np.concatenate([p["targets"] for p in parts])
-            top = np.concatenate([p["top"] for p in parts])
-            order = np.argsort(users, kind="stable")
-            item_raw = _vocab(Path(self.cfg.data.dir) / "vocab" / "items.parquet")
-            user_raw = _vocab(Path(self.cfg.data.dir) / "vocab" / "users.parquet")
-            top = top[order]
-            table = pa.table(
-                {
-                    "user_id": pa.array(user_raw[users[order]]),
-                    "target_item_id": pa.array(item_raw[targets[order]]),
-                    "top_item_ids": pa.array(list(item_raw[top])),
-                }
-            )
-            tmp = path.with_suffix(".parquet.tmp")
-            pq.write_table(table, tmp)
-            os.replace(tmp, path)
-            for r in range(self.info.world_size):
-                path.with_name(f".{path.stem}.rank{r}.npz").unlink(missing_ok=True)
-        dist.barrier()
+        return self.evaluator.run(self.task, self._eval_module(), split, predictions_path)
 
     # ---------------------------------------------------------------------------- checkpointing
 
@@ -549,19 +378,14 @@ class Trainer:
         self._clock_start = time.perf_counter()
 
     def checkpoint_meta(self) -> dict:
-        m = self.cfg.model
         return {
-            "model": m.name,
-            "embedding_dim": m.embedding_dim,
-            "num_blocks": m.num_blocks,
-            "num_heads": m.num_heads,
-            "num_items": self.num_items,
+            **self.task.checkpoint_meta(),
             "world_size": self.info.world_size,
             "zero_stage": self.cfg.zero.stage,
         }
 
     def save_checkpoint(self) -> None:
-        self.checkpoints.save(self.step, self.table, self.engine, self.trainer_state(), self.checkpoint_meta(),
+        self.checkpoints.save(self.step, self.tables, self.engine, self.trainer_state(), self.checkpoint_meta(),
                               protect_step=self.best_step)  # fmt: skip
 
     def maybe_resume(self) -> bool:
@@ -572,7 +396,7 @@ class Trainer:
         path = self.checkpoints.latest() if resume == "auto" else Path(resume)
         if path is None:
             return False
-        state = self.checkpoints.load(path, self.table, self.engine, self.checkpoint_meta())
+        state = self.checkpoints.load(path, self.tables, self.engine, self.checkpoint_meta())
         saved_world = json.loads((Path(path) / "meta.json").read_text()).get("world_size")
         if saved_world != self.info.world_size and state.get("batches_in_epoch"):
             # The reader position belongs to the old rank layout; the epoch restarts on the new one.
@@ -598,7 +422,7 @@ class Trainer:
             logger.info("loading the best checkpoint (step %d, valid %s=%.4f) for test", self.best_step,
                         self.cfg.eval.metric, self.best_metric)  # fmt: skip
             self.checkpoints.load(
-                best, self.table, self.engine, self.checkpoint_meta(), dense_module_only=True
+                best, self.tables, self.engine, self.checkpoint_meta(), dense_module_only=True
             )
         valid = self.evaluate("valid")
         test = self.evaluate("test", predictions_path=self.output_dir / "test_predictions.parquet")
@@ -609,7 +433,7 @@ class Trainer:
             "steps": self.step,
             "epochs": self.epoch,
             "elapsed_s": self.elapsed(),
-            "loss": {"negatives": self.cfg.loss.negatives, "num_negatives": self.cfg.loss.num_negatives},
+            **self.task.describe(),
             # train_valid: the valid rows were trained on, so "valid" is not held out.
             "train_split": self.cfg.data.train_split,
             "older_windows": self.cfg.data.older_windows,
@@ -633,16 +457,6 @@ class Trainer:
         ``destroy_distributed``; under ZeRO-3 DeepSpeed still keeps it)."""
         self.tracker.finish(status)
         self.engine.destroy()
-
-
-def _vocab(path: Path) -> np.ndarray:
-    """Dense id -> raw id (index 0 = padding, as an empty string)."""
-    t = pq.read_table(path, columns=["raw_id", "dense_id"])
-    dense = t.column("dense_id").to_numpy()
-    out = np.empty(int(dense.max()) + 1, dtype=object)
-    out[0] = ""
-    out[dense] = np.array(t.column("raw_id").to_pylist(), dtype=object)
-    return out
 
 
 def _fmt(metrics: dict) -> str:

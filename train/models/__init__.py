@@ -1,8 +1,9 @@
-"""Dense sequence encoders (HSTU, SASRec) and the sampled softmax losses.
+"""Dense models: the sequence encoders (HSTU, SASRec), their configs, and the softmax losses.
 
-The trainer owns the item embedding table; it looks up the input items' embeddings and calls
+The retrieval task (``train/tasks/retrieval.py``) owns the item table; it looks up the input items'
+embeddings and calls
 
-    encoder = build_encoder(cfg.model)
+    encoder = build_encoder(cfg.model)  # an HSTUConfig or SASRecConfig (model.name picks it)
     query_TD = encoder(item_emb_TD, seq_offsets, max_seq_len, timestamps_T, target_timestamps_T)
     # query_TD: L2-normalised, causal; target_timestamps_T[t] is the time of the item t predicts
     loss_sum, num = sampled_softmax_loss(query_TD[sup], target_emb, target_ids, neg_emb, neg_ids, 0.05)
@@ -10,7 +11,7 @@ The trainer owns the item embedding table; it looks up the input items' embeddin
 
 from __future__ import annotations
 
-from train.models.config import ModelConfig
+from train.models.config import HSTUConfig, ModelConfig, SASRecConfig, SequenceEncoderConfig
 from train.models.hstu import HSTU, time_buckets
 from train.models.jagged import SequenceEncoder
 from train.models.losses import (
@@ -23,8 +24,11 @@ from train.models.sasrec import SASRec
 
 __all__ = [
     "HSTU",
+    "HSTUConfig",
     "ModelConfig",
     "SASRec",
+    "SASRecConfig",
+    "SequenceEncoderConfig",
     "SequenceEncoder",
     "build_encoder",
     "full_softmax_loss",
@@ -35,11 +39,11 @@ __all__ = [
 ]
 
 
-def build_encoder(cfg: ModelConfig) -> SequenceEncoder:
-    """Validate ``cfg`` (``ConfigError`` on bad values) and build the encoder it names."""
+def build_encoder(cfg: SequenceEncoderConfig) -> SequenceEncoder:
+    """Validate ``cfg`` (``ConfigError`` on bad values) and build the encoder its type names."""
     cfg.validate()
-    if cfg.name == "hstu":
+    if isinstance(cfg, HSTUConfig):
         return HSTU(cfg)
-    if cfg.name == "sasrec":
+    if isinstance(cfg, SASRecConfig):
         return SASRec(cfg)
-    raise AssertionError(f"unhandled model name {cfg.name!r}")  # validate() admits only the two above
+    raise ValueError(f"model.name={cfg.name!r} has no sequence encoder (HSTUConfig or SASRecConfig expected)")

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.models.config import ModelConfig
+from train.models.config import HSTUConfig
 from train.models.jagged import SequenceEncoder, pad_jagged, seq_lengths, unpad_jagged
 
 logger = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ def plan_length_groups(sorted_lengths: list[int], shrink: float, min_size: int) 
 class HSTULayer(nn.Module):
     """One HSTU layer: fused UVQK projection, pointwise causal attention, gated output projection."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: HSTUConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.attention_dim = cfg.attention_dim
@@ -256,7 +256,7 @@ class HSTU(SequenceEncoder):
     length_group_shrink: float = 0.75
     length_group_min_size: int = 16
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: HSTUConfig):
         super().__init__(cfg)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.num_blocks))
         self._warned_no_timestamps = False

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.models.config import ModelConfig
+from train.models.config import SequenceEncoderConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class SequenceEncoder(nn.Module):
     bias may use it (``model.time_gap_from``); it reveals when, never which, the next item is.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: SequenceEncoderConfig):
         super().__init__()
         self.cfg = cfg
         self.embedding_dim = cfg.embedding_dim

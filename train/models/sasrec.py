@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.models.config import ModelConfig
+from train.models.config import SASRecConfig
 from train.models.jagged import SequenceEncoder, unpad_jagged
 
 LAYER_NORM_EPS = 1e-8
@@ -33,7 +33,7 @@ LAYER_NORM_EPS = 1e-8
 class SASRecBlock(nn.Module):
     """Causal multi-head softmax self-attention followed by a point-wise feed-forward network."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: SASRecConfig):
         super().__init__()
         dim = cfg.embedding_dim
         self.num_heads = cfg.num_heads
@@ -42,10 +42,10 @@ class SASRecBlock(nn.Module):
         self.key_value = nn.Linear(dim, 2 * dim)
         self.attn_output = nn.Linear(dim, dim)
         self.ffn = nn.Sequential(
-            nn.Linear(dim, cfg.linear_dim),
+            nn.Linear(dim, cfg.ffn_dim),
             nn.ReLU(),
             nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.linear_dim, dim),
+            nn.Linear(cfg.ffn_dim, dim),
             nn.Dropout(cfg.dropout),
         )
         # The reference initialises every weight matrix with xavier_normal and keeps default biases.
@@ -100,7 +100,7 @@ class SASRecBlock(nn.Module):
 class SASRec(SequenceEncoder):
     """SASRec sequence encoder with the ``SequenceEncoder`` interface; timestamps are ignored."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: SASRecConfig):
         super().__init__(cfg)
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_blocks))
 

@@ -1,0 +1,33 @@
+"""Model families on the shared trainer, chosen by ``model.name`` (see ``train/tasks/base.py``).
+
+    task = build_task(cfg, info, manifest)
+
+==========  ====================================================================
+model.name  task
+==========  ====================================================================
+hstu        ``RetrievalTask``: item table + HSTU encoder, softmax over items
+sasrec      ``RetrievalTask``: item table + SASRec encoder, softmax over items
+==========  ====================================================================
+
+A new family adds its config dataclass to ``train/models/config.py`` (``ModelConfig.choices``) and
+its task class here; the trainer, the reader and the evaluation do not change.
+"""
+
+from __future__ import annotations
+
+from train.config import TrainConfig
+from train.distributed import DistInfo
+from train.tasks.base import EvalOutput, StepContext, Task
+from train.tasks.retrieval import RetrievalTask
+
+TASKS: dict[str, type[Task]] = {
+    "hstu": RetrievalTask,
+    "sasrec": RetrievalTask,
+}
+
+__all__ = ["TASKS", "EvalOutput", "RetrievalTask", "StepContext", "Task", "build_task"]
+
+
+def build_task(cfg: TrainConfig, info: DistInfo, manifest: dict) -> Task:
+    """The task of ``cfg.model.name``."""
+    return TASKS[cfg.model.name](cfg, info, manifest)
