@@ -81,10 +81,10 @@ def _exhaustive_logprob(model, embedding, vocab, enc_ids_BS, enc_mask_BS, codes_
     return logprob.sum(-1).view(b, n)
 
 
-def _search(model, embedding, vocab, enc_ids, enc_mask, trie, beam, constrained=True):
+def _search(model, embedding, vocab, enc_ids, enc_mask, trie, beam, constrained=True, use_cache=True):
     with torch.no_grad():
         state = model.encode(embedding(enc_ids), enc_mask)
-        step = make_step_fn(model, state, embedding, vocab)
+        step = make_step_fn(model, state, embedding, vocab, use_cache=use_cache)
         return beam_search(
             step, trie, enc_ids.shape[0], beam, len(vocab.codebook_sizes), constrained=constrained
         )
@@ -185,6 +185,10 @@ def test_narrow_constrained_beam_emits_only_valid_items():
     assert torch.equal(res.codes_BKL, torch.as_tensor(codes)[res.item_index_BK])
     torch.testing.assert_close(exhaustive_BN.gather(1, res.item_index_BK), res.logprob_BK, atol=1e-5, rtol=0)
     assert (res.logprob_BK[:, :-1] >= res.logprob_BK[:, 1:]).all()
+    # The decoder cache (reordered by parent beam) gives the same search as recomputing every prefix.
+    full = _search(model, embedding, vocab, enc_ids, enc_mask, trie, beam=5, use_cache=False)
+    assert torch.equal(full.item_index_BK, res.item_index_BK)
+    torch.testing.assert_close(full.logprob_BK, res.logprob_BK, atol=1e-5, rtol=0)
     # Without the constraint the same model emits tuples that are not items (60 of 192 are), so the
     # constraint is doing something.
     free = _search(model, embedding, vocab, enc_ids, enc_mask, trie, beam=5, constrained=False)
@@ -197,7 +201,7 @@ def test_unconstrained_invalid_rate_on_a_constructed_case():
     items = np.array([[0, 0], [1, 1], [2, 0], [2, 2]])
     trie = SemanticIdTrie.from_codes(items, [3, 3])
 
-    def step_fn(level, prefix_BKl):
+    def step_fn(level, prefix_BKl, parent_BK):
         p = p0 if level == 0 else p1
         return p.log().expand(*prefix_BKl.shape[:2], 3)
 

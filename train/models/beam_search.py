@@ -147,7 +147,7 @@ class BeamSearchResult:
     invalid_rate: float
 
 
-StepFn = Callable[[int, Tensor], Tensor]
+StepFn = Callable[[int, Tensor, Tensor | None], Tensor]
 
 
 @torch.no_grad()
@@ -161,9 +161,11 @@ def beam_search(
 ) -> BeamSearchResult:
     """Top-``beam_size`` tuples per user by total log-likelihood.
 
-    ``step_fn(level, prefix_codes_BKl)`` returns the logits (or log-probabilities) ``[B, K', V_level]``
-    of level ``level``'s codes after each prefix (``[B, K', level]`` codes; K' = 1 at level 0, where all
-    beams share the empty prefix, else ``beam_size``). Constrained: only prefixes of valid tuples are
+    ``step_fn(level, prefix_codes_BKl, parent_BK)`` returns the logits (or log-probabilities)
+    ``[B, K', V_level]`` of level ``level``'s codes after each prefix (``[B, K', level]`` codes; K' = 1
+    at level 0, where all beams share the empty prefix, else at most ``beam_size``). ``parent_BK``
+    says which beam of the previous call each prefix extends (None at level 0), so a step function
+    can reorder a decoder cache. Constrained: only prefixes of valid tuples are
     expanded. Unconstrained: any code; tuples that are not items get item index -1 and are counted in
     ``invalid_rate``. ``trie`` must be on the device of the logits.
     """
@@ -174,8 +176,9 @@ def beam_search(
     prefix_BKl = torch.zeros(b, 1, 0, dtype=torch.long, device=device)
     score_BK = torch.zeros(b, 1, device=device)
     node_BK = torch.zeros(b, 1, dtype=torch.long, device=device)  # trie node of each beam (constrained)
+    beam_BK = None  # the beam of the previous step that each current beam extends
     for level in range(num_levels):
-        logprob_BKV = F.log_softmax(step_fn(level, prefix_BKl).float(), dim=-1)
+        logprob_BKV = F.log_softmax(step_fn(level, prefix_BKl, beam_BK).float(), dim=-1)
         num_beams = prefix_BKl.shape[1]
         if constrained:
             starts = trie.child_start[level]

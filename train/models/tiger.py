@@ -340,17 +340,23 @@ class DecoderLayer(nn.Module):
         cross_k_BHSE: Tensor,
         cross_v_BHSE: Tensor,
         cross_mask_B11S: Tensor,
-    ) -> Tensor:
+        past_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """One layer on the M newest decoder positions; ``past_kv``: the self-attention keys and values
+        of the earlier positions (``[B * K, H, P, E]``). Returns the output and the keys/values of all
+        P + M positions (the cache for the next step)."""
         b, k, m, d = x_BKMD.shape
         h_XMD = self.self_norm(x_BKMD).reshape(b * k, m, d)
         self_k, self_v = self.self_attn.key_value(h_XMD)
+        if past_kv is not None:
+            self_k, self_v = torch.cat([past_kv[0], self_k], dim=2), torch.cat([past_kv[1], self_v], dim=2)
         x_BKMD = x_BKMD + self.dropout(self.self_attn(h_XMD, self_k, self_v, self_mask_1HMM)).view(b, k, m, d)
         # A user's K beams share its encoder output, so fold beams into the query axis: [B, K * M, D].
         h_BQD = self.cross_norm(x_BKMD).reshape(b, k * m, d)
         x_BKMD = x_BKMD + self.dropout(
             self.cross_attn(h_BQD, cross_k_BHSE, cross_v_BHSE, cross_mask_B11S)
         ).view(b, k, m, d)
-        return x_BKMD + self.dropout(self.ffn(self.ffn_norm(x_BKMD)))
+        return x_BKMD + self.dropout(self.ffn(self.ffn_norm(x_BKMD))), (self_k, self_v)
 
 
 @dataclass
@@ -399,14 +405,27 @@ class Tiger(nn.Module):
 
     def decode(self, state: EncoderState, dec_emb_BKMD: Tensor) -> Tensor:
         """Decoder hidden states ``[B, K, M, D]`` for K embedded decoder inputs per user (causal)."""
-        m = dec_emb_BKMD.shape[2]
-        causal_MM = torch.ones(m, m, dtype=torch.bool, device=dec_emb_BKMD.device).tril()
-        neg_inf = torch.finfo(dec_emb_BKMD.dtype).min
-        self_mask_1HMM = self.decoder_bias(m, m).masked_fill(~causal_MM, neg_inf)
-        x_BKMD = self.dropout(dec_emb_BKMD)
-        for layer, (cross_k, cross_v) in zip(self.decoder_layers, state.cross_kv):
-            x_BKMD = layer(x_BKMD, self_mask_1HMM, cross_k, cross_v, state.cross_mask_B11S)
-        return self.dropout(self.decoder_norm(x_BKMD))
+        return self.decode_with_cache(state, dec_emb_BKMD, None)[0]
+
+    def decode_with_cache(
+        self, state: EncoderState, new_emb_BKMD: Tensor, cache: list[tuple[Tensor, Tensor]] | None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Decode the M newest positions after the P cached ones (``cache``: per layer, self-attention
+        keys and values ``[B * K, H, P, E]`` in the row order of ``new_emb_BKMD``, or None for P = 0).
+        Returns the hidden states ``[B, K, M, D]`` of the new positions and the cache of all P + M."""
+        m = new_emb_BKMD.shape[2]
+        past = 0 if cache is None else cache[0][0].shape[2]
+        total = past + m
+        causal_MT = torch.ones(total, total, dtype=torch.bool, device=new_emb_BKMD.device).tril()[past:]
+        neg_inf = torch.finfo(new_emb_BKMD.dtype).min
+        self_mask_1HMT = self.decoder_bias(total, total)[:, :, past:].masked_fill(~causal_MT, neg_inf)
+        x_BKMD = self.dropout(new_emb_BKMD)
+        new_cache = []
+        for i, (layer, (cross_k, cross_v)) in enumerate(zip(self.decoder_layers, state.cross_kv)):
+            past_kv = None if cache is None else cache[i]
+            x_BKMD, kv = layer(x_BKMD, self_mask_1HMT, cross_k, cross_v, state.cross_mask_B11S, past_kv)
+            new_cache.append(kv)
+        return self.dropout(self.decoder_norm(x_BKMD)), new_cache
 
     def forward(self, enc_emb_BSD: Tensor, enc_mask_BS: Tensor, dec_emb_BMD: Tensor) -> Tensor:
         """Teacher forcing: logits ``[B, M, V_max]``; position l scores level l's codes, and entries
@@ -431,15 +450,35 @@ def tiger_loss(logits_BMV: Tensor, target_codes_BM: Tensor) -> Tensor:
 
 
 def make_step_fn(
-    model: Tiger, state: EncoderState, embed: Callable[[Tensor], Tensor], vocab: TigerVocab
-) -> Callable[[int, Tensor], Tensor]:
-    """The ``step_fn`` of ``beam_search`` for one batch: ``(level, prefix_codes_BKl) -> logits_BKV``.
+    model: Tiger,
+    state: EncoderState,
+    embed: Callable[[Tensor], Tensor],
+    vocab: TigerVocab,
+    use_cache: bool = True,
+) -> Callable[[int, Tensor, Tensor | None], Tensor]:
+    """The ``step_fn`` of ``beam_search`` for one batch: ``(level, prefix_codes_BKl, parent_BK) -> logits_BKV``.
 
     ``embed`` maps token ids ``[B, K, M]`` to embeddings ``[B, K, M, D]`` (the trainer's table lookup).
+    With ``use_cache`` (default) each step runs the decoder on the newest token only, reusing the
+    self-attention keys and values of the beam's parent (``parent_BK``: the beam of the previous step
+    that each prefix extends); without it, each step recomputes the whole prefix. The step function
+    keeps the cache, so make a new one for every ``beam_search`` call.
     """
+    cache: list[tuple[Tensor, Tensor]] | None = None
 
-    def step_fn(level: int, prefix_codes_BKl: Tensor) -> Tensor:
+    def step_fn(level: int, prefix_codes_BKl: Tensor, parent_BK: Tensor | None = None) -> Tensor:
+        nonlocal cache
         assert prefix_codes_BKl.shape[-1] == level
-        return model.decode_step(state, embed(decoder_input_ids(prefix_codes_BKl, vocab)))
+        ids_BKM = decoder_input_ids(prefix_codes_BKl, vocab)
+        if not use_cache or level == 0 or parent_BK is None:
+            hidden_BKMD, cache = model.decode_with_cache(state, embed(ids_BKM), None)
+        else:
+            # Reorder the parents' cache to the new beams: rows are (user, beam) pairs.
+            b, k = parent_BK.shape
+            num_prev = cache[0][0].shape[0] // b
+            rows = (torch.arange(b, device=parent_BK.device)[:, None] * num_prev + parent_BK).reshape(-1)
+            cache = [(keys[rows], values[rows]) for keys, values in cache]
+            hidden_BKMD, cache = model.decode_with_cache(state, embed(ids_BKM[:, :, -1:]), cache)
+        return model.heads[level](hidden_BKMD[:, :, -1])
 
     return step_fn
