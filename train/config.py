@@ -182,6 +182,20 @@ class EvalConfig:
     metric: str = "ndcg@10"  # early stopping and best checkpoint
     patience: int = 0  # evaluations without improvement before stopping; 0 disables early stopping
     top_k: int = 200  # items written per user to test_predictions.parquet
+    # Cut-offs of the reported metrics: hr@k (= Recall@k with one target) and ndcg@k.
+    hr_at: list[int] = field(default_factory=lambda: [1, 10, 50, 200])
+    ndcg_at: list[int] = field(default_factory=lambda: [10, 50, 200])
+
+    def validate(self) -> None:
+        for key in ("hr_at", "ndcg_at"):
+            values = getattr(self, key)
+            if not values or any(k < 1 for k in values):
+                raise ConfigError(f"eval.{key}", f"got {values}, expected a non-empty list of integers >= 1")
+        names = ["mrr", *(f"hr@{k}" for k in self.hr_at), *(f"ndcg@{k}" for k in self.ndcg_at)]
+        if self.metric not in names:
+            raise ConfigError(
+                "eval.metric", f"got {self.metric!r}; the metrics computed are {', '.join(names)}"
+            )
 
 
 @dataclass

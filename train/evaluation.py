@@ -26,7 +26,7 @@ from torch import nn
 
 from train.batch import split_last
 from train.config import TrainConfig
-from train.distributed import DistInfo
+from train.distributed import DistInfo, all_reduce_sum
 from train.metrics import RetrievalMetrics, item_counts, popularity_ranks
 from train.reader import SequenceDataset, load_manifest
 from train.tasks.base import Task
@@ -50,7 +50,7 @@ class Evaluator:
             self.data_dir, split, self.cfg.data.eval_batch_size // self.info.world_size,
             rank=self.info.rank, world_size=self.info.world_size, shuffle=False, seed=self.cfg.run.seed,
         )  # fmt: skip
-        metrics = RetrievalMetrics()
+        metrics = RetrievalMetrics(self.cfg.eval.hr_at, self.cfg.eval.ndcg_at)
         top_k = self.cfg.eval.top_k if predictions_path is not None else None
         rows = []
         for batch in data:
@@ -63,6 +63,11 @@ class Evaluator:
                     (batch.user_ids[out.rows].numpy(), out.targets.numpy(), out.top_ids.cpu().numpy())
                 )
         result = metrics.compute()
+        counters = task.eval_counters(prepared)
+        if counters:
+            sums = all_reduce_sum([v for pair in counters.values() for v in pair], self.info.device)
+            for i, name in enumerate(counters):
+                result[name] = sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else float("nan")
         if predictions_path is not None:
             self._write_predictions(rows, predictions_path)
         return result

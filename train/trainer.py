@@ -70,7 +70,6 @@ class Trainer:
                     f"data.{key}={getattr(cfg.data, key)} is the global batch; it must be divisible by the "
                     f"world size {info.world_size}"
                 )
-        self.max_seq_len = self.task.max_seq_len
 
         self.tables = self.task.build_tables()
         torch.manual_seed(cfg.run.seed)  # identical dense init on every rank

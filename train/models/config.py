@@ -9,6 +9,7 @@ name        dataclass           task (``train/tasks``)
 ==========  ==================  ==========================================================
 hstu        ``HSTUConfig``      next-item retrieval over the item table (``retrieval``)
 sasrec      ``SASRecConfig``    next-item retrieval over the item table (``retrieval``)
+tiger       ``TigerConfig``     generative retrieval over semantic IDs (``tiger``)
 ==========  ==================  ==========================================================
 
 HSTU and SASRec share the ``SequenceEncoderConfig`` fields. Defaults reproduce the frozen ML-1M
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cluster.config import ConfigChoice, ConfigError
+from train.models.tiger import TigerConfig
 
 # The reference bucketises time gaps as ``(log(max(1, |dt|)) / 0.301).long()``, i.e. a logarithm in
 # base exp(0.301) ~= 1.351 (each bucket is ~35% wider than the previous one).
@@ -117,4 +119,4 @@ class SASRecConfig(SequenceEncoderConfig):
 class ModelConfig(ConfigChoice):
     """The ``model:`` section: ``ModelConfig(name="sasrec", ...)`` builds a ``SASRecConfig``."""
 
-    choices = {"hstu": HSTUConfig, "sasrec": SASRecConfig}
+    choices = {"hstu": HSTUConfig, "sasrec": SASRecConfig, "tiger": TigerConfig}

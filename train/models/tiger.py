@@ -65,8 +65,9 @@ RMS_NORM_EPS = 1e-6
 
 @dataclass
 class TigerConfig:
-    """Hyper-parameters of TIGER (the ``model.tiger`` section); defaults are the paper's (Sec. 4.1)."""
+    """Hyper-parameters of TIGER (the ``model:`` section with ``name: tiger``); defaults are the paper's (Sec. 4.1)."""
 
+    name: Literal["tiger"] = "tiger"
     num_encoder_layers: int = 4
     num_decoder_layers: int = 4
     num_heads: int = 6
@@ -90,7 +91,7 @@ class TigerConfig:
     semantic_ids_dir: str = ""
 
     def validate(self) -> None:
-        """Raise ``ConfigError`` naming the ``model.tiger.*`` key for values the types cannot rule out."""
+        """Raise ``ConfigError`` naming the ``model.*`` key for values the types cannot rule out."""
         positive = {
             "num_encoder_layers": self.num_encoder_layers,
             "num_decoder_layers": self.num_decoder_layers,
@@ -105,12 +106,12 @@ class TigerConfig:
         }
         for key, value in positive.items():
             if value < 1:
-                raise ConfigError(f"model.tiger.{key}", f"got {value}, expected an integer >= 1")
+                raise ConfigError(f"model.{key}", f"got {value}, expected an integer >= 1")
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("model.tiger.dropout", f"got {self.dropout}, expected a probability in [0, 1)")
+            raise ConfigError("model.dropout", f"got {self.dropout}, expected a probability in [0, 1)")
         if self.relative_num_buckets < 4 or self.relative_num_buckets % 2:
             raise ConfigError(
-                "model.tiger.relative_num_buckets",
+                "model.relative_num_buckets",
                 f"got {self.relative_num_buckets}, expected an even integer >= 4 (T5 uses 32)",
             )
 

@@ -7,6 +7,7 @@ model.name  task
 ==========  ====================================================================
 hstu        ``RetrievalTask``: item table + HSTU encoder, softmax over items
 sasrec      ``RetrievalTask``: item table + SASRec encoder, softmax over items
+tiger       ``TigerTask``: token table + T5 encoder-decoder, beam search over semantic IDs
 ==========  ====================================================================
 
 A new family adds its config dataclass to ``train/models/config.py`` (``ModelConfig.choices``) and
@@ -19,13 +20,15 @@ from train.config import TrainConfig
 from train.distributed import DistInfo
 from train.tasks.base import EvalOutput, StepContext, Task
 from train.tasks.retrieval import RetrievalTask
+from train.tasks.tiger import TigerTask
 
 TASKS: dict[str, type[Task]] = {
     "hstu": RetrievalTask,
     "sasrec": RetrievalTask,
+    "tiger": TigerTask,
 }
 
-__all__ = ["TASKS", "EvalOutput", "RetrievalTask", "StepContext", "Task", "build_task"]
+__all__ = ["TASKS", "EvalOutput", "RetrievalTask", "StepContext", "Task", "TigerTask", "build_task"]
 
 
 def build_task(cfg: TrainConfig, info: DistInfo, manifest: dict) -> Task:

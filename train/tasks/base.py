@@ -126,6 +126,11 @@ class Task(abc.ABC):
     def eval_batch(self, batch: SequenceBatch, prepared: Any, top_k: int | None) -> EvalOutput:
         """Rank every eligible item for each row's last item (the target), history excluded."""
 
+    def eval_counters(self, prepared: Any) -> dict[str, tuple[float, float]]:
+        """Extra eval metrics of this rank as ``{name: (numerator, denominator)}``, summed over ranks
+        by the evaluator (e.g. TIGER's invalid-ID rate); called after the last ``eval_batch``."""
+        return {}
+
     # ---------------------------------------------------------------------------- description
 
     @abc.abstractmethod

@@ -1,0 +1,262 @@
+"""TIGER on the shared trainer (``model.name=tiger``): generative retrieval over semantic IDs.
+
+Parts: one TorchRec token table (``tiger_tokens``: PAD, BOS, user buckets and every level's codes, see
+``train/models/tiger.py``'s ``TigerVocab``), sharded like the item table of the retrieval task, and
+the T5-style encoder-decoder (``Tiger``) in the DeepSpeed engine. The item -> codes map comes from a
+semantic-ID table (``model.semantic_ids_dir``, format ``semantic_ids/v1``).
+
+Training examples: every item of a training row but the first is a target, and its history is the
+up to ``max_history_items`` items before it in the row (as in the paper's sliding windows). The loss is
+the cross-entropy of the target's codes, level by level (teacher forcing); each code is one loss term.
+
+Evaluation: the last item of each valid/test row is the target; beam search (``model.beam_size``
+beams, constrained to the valid IDs by a prefix trie unless ``model.decode=unconstrained``) returns
+the top items, best first. Items of the user's history are dropped from that list (the target is
+never dropped), as in the retrieval task's protocol, so the lists can hold fewer than ``beam_size``
+items. hr@k and ndcg@k are exact for k <= beam_size; mrr is truncated at the beam.
+
+Shapes: E examples (targets) in the batch, S encoder length, L code levels, D d_model, V token ids.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from data_pipeline.semantic_ids.table import read_semantic_ids
+from train.batch import SequenceBatch, split_last
+from train.config import LossConfig
+from train.embeddings import ShardedItemTable, build_table, gather_full_table
+from train.metrics import ranks_from_topk
+from train.models.beam_search import SemanticIdTrie, beam_search
+from train.models.tiger import (
+    Tiger,
+    TigerConfig,
+    TigerVocab,
+    codes_for_vocab,
+    decoder_input_ids,
+    encoder_input_ids,
+    make_step_fn,
+    user_buckets,
+)
+from train.tasks.base import EvalOutput, StepContext, Task
+
+logger = logging.getLogger(__name__)
+
+TOKEN_TABLE = "tiger_tokens"
+
+
+@dataclass
+class _EvalState:
+    model: Tiger
+    token_emb_VD: Tensor  # the gathered token table
+    trie: SemanticIdTrie
+    num_invalid: float = 0.0
+    num_returned: float = 0.0
+
+
+class TigerTask(Task):
+    """Semantic-ID generation with a T5-style encoder-decoder (Rajput et al., NeurIPS 2023)."""
+
+    def __init__(self, cfg, info, manifest):
+        super().__init__(cfg, info, manifest)
+        self.model_cfg: TigerConfig = cfg.model
+        if cfg.loss != LossConfig():
+            raise ValueError(
+                "loss.* configures the retrieval task's softmax over items; TIGER's loss is the cross-entropy "
+                "of the target's codes. Remove the loss: section (or its overrides) for model.name=tiger"
+            )
+        sid_dir = self.model_cfg.semantic_ids_dir
+        if not sid_dir:
+            raise ValueError(
+                "model.semantic_ids_dir is empty: TIGER needs a semantic-ID table for the items of data.dir. Make "
+                "one with python -m data_pipeline semantic-ids (RQ-VAE over item text) or "
+                "python -m data_pipeline semantic-ids-reference (a published table), then set model.semantic_ids_dir"
+            )
+        table = read_semantic_ids(sid_dir)
+        data_dir = Path(cfg.data.dir)
+        vocab = manifest.get("vocab", {"items": "vocab/items.parquet", "users": "vocab/users.parquet"})
+        item_raw = _raw_ids_by_dense(data_dir / vocab["items"])
+        # Row d = codes of dense item d (row 0, padding, is -1 and never used as an input or target).
+        codes = codes_for_vocab(table.item_ids, table.codes, item_raw)
+        self.codes_NL = torch.from_numpy(codes)
+        self.vocab = TigerVocab(tuple(table.codebook_sizes), self.model_cfg.num_user_buckets)
+        user_raw = _raw_ids_by_dense(data_dir / vocab["users"])
+        self.user_bucket_U = torch.from_numpy(
+            np.concatenate([[0], user_buckets(user_raw, self.model_cfg.num_user_buckets)])
+        )
+        self.table: ShardedItemTable | None = None
+        logger.info(
+            "TIGER: %d items with %d-level semantic IDs (codebooks %s) from %s; %d token ids",
+            self.num_items, self.vocab.num_levels, list(table.codebook_sizes), sid_dir, self.vocab.vocab_size,
+        )  # fmt: skip
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.model_cfg.max_history_items
+
+    def build_tables(self) -> dict[str, ShardedItemTable]:
+        self.table = build_table(
+            self.cfg.embeddings, self.vocab.vocab_size, self.model_cfg.d_model, self.device, self.cfg.run.seed,
+            name=TOKEN_TABLE, feature="token_ids",
+        )  # fmt: skip
+        return {TOKEN_TABLE: self.table}
+
+    def build_dense(self) -> nn.Module:
+        return Tiger(self.model_cfg, self.vocab.codebook_sizes)
+
+    # ------------------------------------------------------------------------------- training
+
+    def _examples(self, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Every target of the batch with its history: ``(users_E, history_values, history_offsets, targets_E)``."""
+        lengths, offsets = batch.lengths, batch.offsets
+        row_T = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        pos_T = torch.arange(len(batch.item_ids)) - offsets[:-1][row_T]
+        is_target = pos_T >= 1
+        target_index = torch.nonzero(is_target).squeeze(1)  # flat index of each target
+        hist_len_E = pos_T[target_index].clamp(max=self.model_cfg.max_history_items)
+        hist_offsets = torch.zeros(len(target_index) + 1, dtype=torch.long)
+        hist_offsets[1:] = torch.cumsum(hist_len_E, 0)
+        # history of example e = item_ids[target_index[e] - hist_len_E[e] : target_index[e]]
+        example_of = torch.repeat_interleave(torch.arange(len(target_index)), hist_len_E)
+        within = torch.arange(int(hist_offsets[-1])) - hist_offsets[:-1][example_of]
+        hist_values = batch.item_ids[(target_index - hist_len_E)[example_of] + within]
+        users_E = batch.user_ids[row_T[target_index]]
+        return users_E, hist_values, hist_offsets, batch.item_ids[target_index]
+
+    def count_targets(self, batch: SequenceBatch | None, ctx: StepContext) -> int:
+        if batch is None:
+            return 0
+        return int((batch.lengths - 1).clamp(min=0).sum()) * self.vocab.num_levels
+
+    def _embed(self, ids: Tensor, ctx: StepContext) -> Tensor:
+        """Token embeddings of ``ids`` (any shape) through the sharded table, one lookup per distinct id."""
+        unique, inverse = torch.unique(ids.reshape(-1).cpu(), return_inverse=True)
+        emb_UD = ctx.lookup(self.table, unique).to(ctx.dense_dtype)
+        return emb_UD[inverse.to(ctx.device)].view(*ids.shape, -1)
+
+    def train_loss(self, batch: SequenceBatch, ctx: StepContext) -> tuple[Tensor, int]:
+        users_E, hist_values, hist_offsets, targets_E = self._examples(batch)
+        torch.manual_seed(ctx.seed * 1_000_003 + ctx.step * 1009 + ctx.rank)  # dropout
+        enc_ids_ES, enc_mask_ES = encoder_input_ids(
+            self.user_bucket_U[users_E], hist_values, hist_offsets, self.codes_NL, self.vocab,
+            self.model_cfg.max_history_items,
+        )  # fmt: skip
+        target_codes_EL = self.codes_NL[targets_E]
+        dec_ids_EL = decoder_input_ids(target_codes_EL[:, :-1], self.vocab)
+        # One lookup for encoder and decoder tokens together (a collective: one call per step).
+        num_enc = enc_ids_ES.numel()
+        emb = self._embed(torch.cat([enc_ids_ES.reshape(-1), dec_ids_EL.reshape(-1)]), ctx)
+        enc_emb = emb[:num_enc].view(*enc_ids_ES.shape, -1)
+        dec_emb = emb[num_enc:].view(*dec_ids_EL.shape, -1)
+        logits_ELV = ctx.dense(enc_emb, enc_mask_ES.to(ctx.device), dec_emb).float()
+        loss_sum = F.cross_entropy(
+            logits_ELV.flatten(0, 1), target_codes_EL.flatten().to(ctx.device), reduction="sum"
+        )
+        return loss_sum, target_codes_EL.numel()
+
+    # ----------------------------------------------------------------------------- evaluation
+
+    def prepare_eval(self, dense: nn.Module) -> _EvalState:
+        token_emb = gather_full_table(self.table, self.device).float()
+        trie = SemanticIdTrie.from_codes(self.codes_NL[1:].numpy(), list(self.vocab.codebook_sizes))
+        return _EvalState(dense, token_emb, trie.to(self.device))
+
+    def eval_batch(self, batch: SequenceBatch, prepared: _EvalState, top_k: int | None) -> EvalOutput:
+        history, targets = split_last(batch)
+        keep_rows = batch.lengths >= 2
+        targets = targets[keep_rows]
+        if len(targets) == 0:
+            empty = torch.zeros(0, dtype=torch.long)
+            return EvalOutput(keep_rows, targets, empty, None if top_k is None else empty[:, None])
+        users = batch.user_ids[keep_rows]
+        hist_lengths = history.lengths[keep_rows]
+        hist_offsets = torch.zeros(len(hist_lengths) + 1, dtype=torch.long)
+        hist_offsets[1:] = torch.cumsum(hist_lengths, 0)
+        row_of = torch.repeat_interleave(keep_rows, history.lengths)
+        hist_values = history.item_ids[row_of]
+        enc_ids, enc_mask = encoder_input_ids(
+            self.user_bucket_U[users], hist_values, hist_offsets, self.codes_NL, self.vocab,
+            self.model_cfg.max_history_items,
+        )  # fmt: skip
+        model = prepared.model
+        emb = prepared.token_emb_VD
+        state = model.encode(emb[enc_ids.to(self.device)], enc_mask.to(self.device))
+        step_fn = make_step_fn(model, state, lambda ids: emb[ids], self.vocab)
+        result = beam_search(
+            step_fn, prepared.trie, len(users), self.model_cfg.beam_size, self.vocab.num_levels,
+            constrained=self.model_cfg.decode == "constrained",
+        )  # fmt: skip
+        live = torch.isfinite(result.logprob_BK)
+        prepared.num_returned += float(live.sum())
+        prepared.num_invalid += float(((result.item_index_BK < 0) & live).sum())
+        top_BK = torch.where(
+            result.item_index_BK >= 0, result.item_index_BK + 1, 0
+        ).cpu()  # trie row -> dense id
+        top_BK = _drop_history(top_BK, hist_values, hist_offsets, targets)
+        ranks = ranks_from_topk(top_BK, targets)
+        top = None if top_k is None else _pad_to(top_BK, top_k)
+        return EvalOutput(keep_rows, targets, ranks, top)
+
+    def eval_counters(self, prepared: _EvalState) -> dict[str, tuple[float, float]]:
+        if self.model_cfg.decode == "constrained":
+            return {}
+        return {"invalid_id_rate": (prepared.num_invalid, prepared.num_returned)}
+
+    # ---------------------------------------------------------------------------- description
+
+    def checkpoint_meta(self) -> dict:
+        m = self.model_cfg
+        return {
+            "model": m.name,
+            "d_model": m.d_model,
+            "num_encoder_layers": m.num_encoder_layers,
+            "num_decoder_layers": m.num_decoder_layers,
+            "codebook_sizes": list(self.vocab.codebook_sizes),
+            "num_user_buckets": m.num_user_buckets,
+            "num_items": self.num_items,
+        }
+
+    def describe(self) -> dict:
+        m = self.model_cfg
+        return {"decode": {"mode": m.decode, "beam_size": m.beam_size}, "semantic_ids": m.semantic_ids_dir}
+
+    def log_summary(self) -> str:
+        return f"decode={self.model_cfg.decode}(beam {self.model_cfg.beam_size})"
+
+
+def _raw_ids_by_dense(path: Path) -> list[str]:
+    """Raw ids in dense-id order (dense id = position + 1) from a prepared vocabulary file."""
+    t = pq.read_table(path, columns=["raw_id", "dense_id"]).sort_by("dense_id")
+    dense = t.column("dense_id").to_numpy()
+    if not np.array_equal(dense, np.arange(1, len(dense) + 1)):
+        raise ValueError(f"{path}: dense ids are not 1..{len(dense)}; prepare the data again")
+    return [str(r) for r in t.column("raw_id").to_pylist()]
+
+
+def _drop_history(top_BK: Tensor, hist_values: Tensor, hist_offsets: Tensor, targets: Tensor) -> Tensor:
+    """Remove history items (never the target) from each ranked list, keeping the order; 0 pads the end."""
+    b, k = top_BK.shape
+    row_T = torch.repeat_interleave(torch.arange(b), hist_offsets[1:] - hist_offsets[:-1])
+    seen = torch.zeros(b, k, dtype=torch.long)
+    if len(hist_values):
+        # (row, item) pairs of the history, matched against every slot of the same row.
+        match = (top_BK[row_T] == hist_values[:, None]) & (hist_values[:, None] != targets[row_T][:, None])
+        seen.index_add_(0, row_T, match.long())
+    keep = (top_BK > 0) & (seen == 0)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)
+    out = top_BK.gather(1, order)
+    return torch.where(keep.gather(1, order), out, 0)
+
+
+def _pad_to(top_BK: Tensor, k: int) -> Tensor:
+    if top_BK.shape[1] >= k:
+        return top_BK[:, :k]
+    return F.pad(top_BK, (0, k - top_BK.shape[1]), value=0)
