@@ -161,6 +161,7 @@ def codes_for_vocab(item_ids: np.ndarray, codes_NL: np.ndarray, vocab_raw_ids) -
 
     ``item_ids``/``codes_NL``: a semantic-ID table (``read_semantic_ids``). ``vocab_raw_ids``: the
     prepared data's ``vocab/items.parquet`` raw ids in dense-id order (dense id = position + 1).
+    Build the decoding trie from ``out[1:]``: then beam search's item index i is dense id i + 1.
     """
     row_of = {item: i for i, item in enumerate(item_ids.tolist())}
     missing = [r for r in vocab_raw_ids if r not in row_of]
