@@ -628,11 +628,30 @@ def test_sigkilled_run_leaves_no_manifest_and_the_next_run_cleans_up(tmp_path):
 
 
 def _kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL whatever ``proc`` started and left behind (its local Ray's agents outlive a killed driver)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    """SIGKILL what ``proc`` started and left behind (its local Ray's agents outlive a killed driver),
+    and wait until none of it runs any more, so nothing writes into the output directory afterwards."""
+    deadline = time.monotonic() + 30
+    while left := _live_in_session(proc.pid):
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert time.monotonic() < deadline, f"processes of the killed job still running: {left}"
+        time.sleep(0.2)
+
+
+def _live_in_session(session_id: int) -> list[int]:
+    """Pids of the running (not zombie) processes of a session, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[3]) == session_id and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def test_item_metadata_and_cli(tmp_path):
