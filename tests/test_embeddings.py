@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from cluster.config import ConfigError
 from train.config import EmbeddingTableConfig
 from train.distributed import GLOO_THREADS_LEFT, destroy_distributed, live_gloo_threads
 from train.embeddings import build_item_table, gather_full_table, lookup
@@ -58,3 +59,12 @@ def _set_lr_worker(rank: int, world_size: int, init_file: str, sharding: str) ->
 @pytest.mark.parametrize("sharding", ["row_wise", "table_wise", "data_parallel"])
 def test_set_lr_scales_the_next_update(tmp_path, sharding):
     mp.spawn(_set_lr_worker, args=(2, str(tmp_path / "rendezvous"), sharding), nprocs=2, join=True)
+
+
+def test_table_row_wise_is_refused_naming_the_key():
+    """TorchRec shards an EmbeddingCollection (sequence embeddings) row-, table-, column-wise or
+    replicated, never table_row_wise: the config value is refused before any planning, in one line."""
+    cfg = EmbeddingTableConfig(sharding_type="table_row_wise")
+    with pytest.raises(ConfigError, match="embeddings.sharding_type.*table_row_wise.*row_wise") as err:
+        build_item_table(cfg, num_items=30, embedding_dim=8, device=torch.device("cpu"), seed=0)
+    assert "\n" not in str(err.value)

@@ -171,6 +171,79 @@ def test_matches_brute_force(overrides):
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def _layer_norm(values: list[float], eps: float = 1e-6) -> list[float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / len(values)
+    return [(v - mean) / math.sqrt(var + eps) for v in values]
+
+
+def _silu(z: float) -> float:
+    return z / (1.0 + math.exp(-z))
+
+
+def _matvec(vec: list[float], mat: list[list[float]]) -> list[float]:
+    """Row vector times matrix, ``vec @ mat``."""
+    return [sum(vec[r] * mat[r][c] for r in range(len(vec))) for c in range(len(mat[0]))]
+
+
+def test_one_layer_matches_the_paper_equations_computed_by_hand():
+    """A 1-layer, 1-head HSTU with fixed weights against plain-Python arithmetic (no torch, no model
+    code): the paper's equations, with the reference's input layer norm, for two sequences.
+
+        U, V, Q, K = split(SiLU(LayerNorm(x) W_uvqk))
+        A[i, j]    = SiLU(Q_i . K_j + rab[i - j]) / n   for j <= i, else 0
+        y          = W_o (U * LayerNorm(A V)) + b_o + x,     output = y / |y|
+    with x_t = e_t * sqrt(D) + p_t (item embedding scaled, plus the position embedding).
+    """
+    dim, d_qk, d_v, n = 3, 2, 2, 4  # n = model.max_seq_len divides the attention
+    cfg = small_cfg(embedding_dim=dim, num_blocks=1, num_heads=1, attention_dim=d_qk, linear_dim=d_v,
+                    max_seq_len=n, use_time_bias=False)  # fmt: skip
+    w_uvqk = [  # D x (U | V | Q | K) = 3 x (2 + 2 + 2 + 2)
+        [0.5, -0.3, 0.8, 0.1, 0.4, -0.6, 0.2, 0.7],
+        [-0.2, 0.9, -0.4, 0.6, -0.5, 0.3, 0.8, -0.1],
+        [0.7, 0.2, 0.3, -0.8, 0.6, 0.4, -0.3, 0.5],
+    ]
+    w_out = [[0.3, -0.7], [0.9, 0.2], [-0.4, 0.5]]  # nn.Linear(d_v, D): [D, d_v]
+    b_out = [0.05, -0.1, 0.2]
+    rab = [0.1, -0.2, 0.3, 0.4]  # position bias by distance i - j
+    pos = [[0.2, -0.1, 0.0], [0.0, 0.3, -0.2], [-0.3, 0.1, 0.4], [0.1, 0.1, 0.1]]
+    seqs = [  # two sequences (lengths 3 and 1) of item embeddings e_t
+        [[0.5, -1.0, 0.25], [1.5, 0.5, -0.5], [-0.75, 0.0, 1.0]],
+        [[0.3, 0.6, -0.9]],
+    ]
+    model = HSTU(cfg).eval()
+    layer = model.layers[0]
+    with torch.no_grad():
+        layer.uvqk.copy_(torch.tensor(w_uvqk))
+        layer.output.weight.copy_(torch.tensor(w_out))
+        layer.output.bias.copy_(torch.tensor(b_out))
+        layer.position_bias.copy_(torch.tensor(rab))
+        model.pos_emb.weight.copy_(torch.tensor(pos))
+
+    expected = []
+    for seq in seqs:
+        x = [[e * math.sqrt(dim) + p for e, p in zip(emb, pos[t])] for t, emb in enumerate(seq)]
+        proj = [[_silu(z) for z in _matvec(_layer_norm(row), w_uvqk)] for row in x]
+        u, v = [r[0:2] for r in proj], [r[2:4] for r in proj]
+        q, k = [r[4:6] for r in proj], [r[6:8] for r in proj]
+        for i in range(len(seq)):
+            av = [0.0] * d_v
+            for j in range(i + 1):
+                a_ij = _silu(sum(qc * kc for qc, kc in zip(q[i], k[j])) + rab[i - j]) / n
+                av = [acc + a_ij * vc for acc, vc in zip(av, v[j])]
+            gated = [uc * nc for uc, nc in zip(u[i], _layer_norm(av))]
+            y = [sum(w_out[r][c] * gated[c] for c in range(d_v)) + b_out[r] + x[i][r] for r in range(dim)]
+            norm = math.sqrt(sum(c * c for c in y))
+            expected.append([c / norm for c in y])
+    expected = torch.tensor(expected)
+
+    item_emb = torch.tensor([e for seq in seqs for e in seq])
+    offsets = torch.tensor([0, 3, 4])
+    with torch.no_grad():
+        for path in (model.forward_jagged, model.forward_padded):
+            torch.testing.assert_close(path(item_emb, offsets, 3), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_attn_scale_len_batch_divides_by_batch_max_len():
     cfg = small_cfg(attn_scale_len="batch")
     torch.manual_seed(0)
@@ -236,14 +309,26 @@ def test_jagged_equals_padded_outputs_and_gradients(overrides, min_group_size):
         torch.testing.assert_close(grads_j[name], grads_p[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_forward_dispatches_on_cfg_jagged():
+def test_forward_dispatches_on_cfg_jagged(monkeypatch):
     batch = make_batch([3, 6], 8)
     torch.manual_seed(0)
     jagged = HSTU(small_cfg(jagged=True)).eval()
     padded = HSTU(small_cfg(jagged=False)).eval()
     padded.load_state_dict(jagged.state_dict())
+    # Both paths give the same outputs, so count which one ran: the comparison alone would pass
+    # with model.jagged ignored.
+    calls = []
+    for path in ("forward_jagged", "forward_padded"):
+        real = getattr(HSTU, path)
+        monkeypatch.setattr(
+            HSTU, path, lambda self, *a, _real=real, _path=path: calls.append(_path) or _real(self, *a)
+        )
     with torch.no_grad():
-        torch.testing.assert_close(jagged(*batch), padded(*batch))
+        out_jagged = jagged(*batch)
+        assert calls == ["forward_jagged"]
+        out_padded = padded(*batch)
+        assert calls == ["forward_jagged", "forward_padded"]
+    torch.testing.assert_close(out_jagged, out_padded)
 
 
 # ------------------------------------------------------------------------------ causality, batching

@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -579,6 +584,74 @@ def test_manifest_is_written_last(tmp_path, monkeypatch):
     manifest = run(out, overrides)
     assert not (out / "test" / "stale.parquet").exists() and (out / "manifest.json").exists()
     assert manifest["num_users"] > 0
+
+
+@pytest.mark.slow
+def test_sigkilled_run_leaves_no_manifest_and_the_next_run_cleans_up(tmp_path):
+    """A real ``prepare`` process killed with SIGKILL mid-run (no cleanup code can run, as under the
+    OOM killer or ``scancel``): no manifest, its ``_work/`` stays behind, and the next run into the
+    same directory removes it and completes."""
+    rng = np.random.default_rng(0)
+    num_users, per_user = 8_000, 15  # big enough that the job is still running when _work/ appears
+    users = np.repeat(np.arange(num_users), per_user)
+    items = rng.integers(0, 2_000, len(users))
+    ts = 1_600_000_000 + rng.integers(0, 10**6, len(users))
+    log = tmp_path / "log.csv"
+    pa_csv.write_csv(pa.table({"user": users.astype(str), "item": items.astype(str), "timestamp": ts}), log)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_pipeline", "prepare", "input.format=csv", f"input.paths=[{log}]",
+           f"output.dir={out}", "ray.num_cpus=1", "ray.read_chunk_bytes=65536"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    log_file = (tmp_path / "killed.log").open("w")  # a file, not a pipe nobody reads while we wait
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not any((out / "_work").rglob("*")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, f"prepare ended first:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        _kill_session(proc)
+        log_file.close()
+    assert not (out / "manifest.json").exists()
+    assert (out / MARKER).exists()
+    assert any((out / "_work").rglob("*")), "SIGKILL runs no cleanup: the intermediate files are still there"
+    # The next run (no output.overwrite needed) takes the marked, manifest-less directory as a killed run.
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "removing an incomplete output" in again.stderr
+    assert not (out / "_work").exists()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["num_users"], manifest["num_interactions"]) == (num_users, len(users))
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL what ``proc`` started and left behind (its local Ray's agents outlive a killed driver),
+    and wait until none of it runs any more, so nothing writes into the output directory afterwards."""
+    deadline = time.monotonic() + 30
+    while left := _live_in_session(proc.pid):
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        assert time.monotonic() < deadline, f"processes of the killed job still running: {left}"
+        time.sleep(0.2)
+
+
+def _live_in_session(session_id: int) -> list[int]:
+    """Pids of the running (not zombie) processes of a session, from /proc."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(fields[3]) == session_id and fields[0] != "Z":  # fields: state, ppid, pgrp, session
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def test_item_metadata_and_cli(tmp_path):

@@ -7,9 +7,9 @@ Built on the meta device, given its optimizer with ``apply_optimizer_in_backward
 
 Two kinds of sharding:
 
-- model parallel (row_wise, table_wise, column_wise, table_row_wise): each rank holds a part of the
-  table; the ``fused`` kernels (fbgemm) apply the optimizer inside the backward pass, and TorchRec
-  *sums* the gradients arriving from all ranks;
+- model parallel (row_wise, table_wise, column_wise): each rank holds a part of the table; the
+  ``fused`` kernels (fbgemm) apply the optimizer inside the backward pass, and TorchRec *sums* the
+  gradients arriving from all ranks (table_row_wise exists for pooled tables only, not for this one);
 - data_parallel: every rank holds the whole table (``dense`` kernel). TorchRec wraps its lookup in
   DDP, which *averages* the table's gradients over ranks in backward; the optimizer is a plain torch
   optimizer stepped after backward (``ShardedItemTable.step``), so Adam works on CPU too, and, as in
@@ -149,6 +149,15 @@ def build_table(
     feature: str = FEATURES[0],
 ) -> ShardedItemTable:
     """Plan, shard and initialise one table of ``num_embeddings`` rows under ``cfg`` (a collective)."""
+    sharder = EmbeddingCollectionSharder()
+    offered = sharder.sharding_types(device.type)
+    if cfg.sharding_type not in offered:
+        # table_row_wise, which TorchRec offers for pooled EmbeddingBagCollections only.
+        raise ConfigError(
+            "embeddings.sharding_type",
+            f"{cfg.sharding_type} is not offered by TorchRec for the {name} table (an EmbeddingCollection of "
+            f"sequence embeddings); use one of {', '.join(offered)}",
+        )
     table_dim = -(-embedding_dim // 4) * 4
     ec = EmbeddingCollection(
         tables=[
@@ -175,7 +184,6 @@ def build_table(
     if cfg.min_partition is not None:
         constraint.min_partition = cfg.min_partition
     planner = EmbeddingShardingPlanner(topology=Topology(**topology_kwargs), constraints={name: constraint})
-    sharder = EmbeddingCollectionSharder()
     pg = dist.GroupMember.WORLD
     try:
         plan = planner.collective_plan(ec, [sharder], pg)
