@@ -75,6 +75,8 @@ FBGEMM_WIDTH_ALIGN = 4
 TORCHREC_MIN_CW_DIM = 128
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# DeepSpeed's default reduce_bucket_size (elements); train/zero.py does not set it.
+DEEPSPEED_REDUCE_BUCKET = int(5e8)
 SHARDING_TYPES = ("row_wise", "table_wise", "column_wise", "table_row_wise", "data_parallel")
 TABLE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
 
@@ -284,19 +286,20 @@ def embedding_bytes(
 def lookup_bytes(
     batch: BatchShape, embedding_dim: int, negatives: str, num_negatives: int, num_items: int
 ) -> int:
-    """The step's looked-up rows (fp32): the unique ids' output and its gradient, plus the copies
+    """The step's looked-up rows (fp32) at the forward's end: the unique ids' output and the copies
     the trainer indexes from it for inputs, targets and negatives (train/trainer.py ``train_step``).
 
     Ids looked up: inputs (T), targets (T) and negatives (K shared, T*K per position, all I items
-    for full, none in batch); unique ids <= that and <= I + 1. The copies' gradients are counted
-    where backward makes them (``loss``, ``activations``).
+    for full, none in batch); unique ids <= that and <= I + 1. Their gradients appear in backward,
+    after the loss buffers are freed (measured: the peak is at the end of the forward pass or in
+    the loss's backward, which ``loss`` covers).
     """
     t = batch.num_tokens
     negs = {"shared": num_negatives, "per_position": t * num_negatives, "full": num_items, "in_batch": 0}
     if negatives not in negs:
         raise ValueError(f"loss.negatives={negatives!r}: expected one of {', '.join(negs)}")
     unique = min(2 * t + negs[negatives], num_items + 1)
-    return 4 * (2 * unique * stored_width(embedding_dim) + (2 * t + negs[negatives]) * embedding_dim)
+    return 4 * (unique * stored_width(embedding_dim) + (2 * t + negs[negatives]) * embedding_dim)
 
 
 def loss_bytes(
@@ -333,8 +336,19 @@ def dense_bytes(
     offload_optimizer: bool = False,
     offload_params: bool = False,
     largest_layer_params: int = 0,
+    reduce_bucket_elements: int = 0,
 ) -> dict[str, int]:
-    """``dense_params``, ``dense_grads``, ``dense_optimizer`` of one rank (see the module docstring)."""
+    """``dense_params``, ``dense_grads``, ``dense_optimizer``, ``dense_buffers`` of one rank.
+
+    ``dense_buffers`` is DeepSpeed's gradient reduction bucket of ``reduce_bucket_elements``
+    elements (its ``reduce_bucket_size``, 5e8 by default; the estimate passes DEEPSPEED_REDUCE_BUCKET).
+    Stage 1 and 2 size it to at most the model (``setup_buckets``; fp32 at stage 1, the model's
+    dtype at stage 2, where ``overlap_comm`` keeps two); the ``benchmarks/memory_bench.py`` zero
+    section measures stage 2's pair alive after a step (stage 1's is freed by then: unverified).
+    Stage 3 allocates the full ``reduce_bucket_size`` once at start-up in the gradients' dtype, plus
+    its flat fp32 gradient partition (``grad_partitions_flat_buffer``, 4P / N): at the 5e8 default
+    that is 1.86 GiB in fp32 whatever the model's size (measured).
+    """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage={zero_stage}: expected 0, 1, 2 or 3")
     if offload_params and zero_stage != 3:
@@ -359,7 +373,20 @@ def dense_bytes(
         optimizer = 0
         if mixed and zero_stage >= 2:
             grads -= -(-4 * p // n)
-    return {"dense_params": params, "dense_grads": grads, "dense_optimizer": optimizer}
+    buffers = 0
+    bucket = min(reduce_bucket_elements, p)
+    if zero_stage == 1:
+        buffers = bucket * 4
+    elif zero_stage == 2:
+        buffers = 2 * bucket * w  # overlap_comm double-buffers it (measured: both alive after a step)
+    elif zero_stage == 3:
+        buffers = reduce_bucket_elements * w + (0 if offload_optimizer else -(-4 * p // n))
+    return {
+        "dense_params": params,
+        "dense_grads": grads,
+        "dense_optimizer": optimizer,
+        "dense_buffers": buffers,
+    }
 
 
 # ---------------------------------------------------------------------------- activation terms
@@ -507,7 +534,7 @@ def estimate_memory(
     terms.update(
         dense_bytes(
             dims.num_params(), cfg.zero.stage, world_size, precision, cfg.zero.offload_optimizer,
-            cfg.zero.offload_params, dims.largest_layer_params(),
+            cfg.zero.offload_params, dims.largest_layer_params(), DEEPSPEED_REDUCE_BUCKET,
         )
     )  # fmt: skip
     fn = ACTIVATION_MODELS.get(dims.name)

@@ -62,31 +62,28 @@ def test_column_wise_rowwise_adagrad_keeps_one_row_of_state_per_column_shard():
 
 def test_dense_bytes_by_zero_stage():
     p, n = 1000, 4
-    assert dense_bytes(p, 0, n, "fp32") == {
-        "dense_params": 4000,
-        "dense_grads": 4000,
-        "dense_optimizer": 8000,
-    }
-    assert dense_bytes(p, 0, n, "bf16") == {
-        "dense_params": 2000,
-        "dense_grads": 2000,
-        "dense_optimizer": 12000,
-    }
-    assert dense_bytes(p, 1, n, "bf16") == {
-        "dense_params": 2000,
-        "dense_grads": 2000,
-        "dense_optimizer": 3000,
-    }
-    # stage 2: bf16 grads and the fp32 gradient partition are split over ranks
-    assert dense_bytes(p, 2, n, "bf16") == {
-        "dense_params": 2000,
-        "dense_grads": 1500,
-        "dense_optimizer": 3000,
-    }
-    # stage 3: params too, plus the gathered working set of two layers (2 x 100 params x 2 bytes)
-    assert dense_bytes(p, 3, n, "bf16", largest_layer_params=100)["dense_params"] == 500 + 400
-    offloaded = dense_bytes(p, 3, n, "bf16", True, True, largest_layer_params=100)
-    assert offloaded == {"dense_params": 400, "dense_grads": 500, "dense_optimizer": 0}
+
+    def terms(*args, **kw):
+        return dense_bytes(*args, reduce_bucket_elements=50, **kw)
+
+    assert terms(p, 0, n, "fp32") == {"dense_params": 4000, "dense_grads": 4000, "dense_optimizer": 8000,
+                                      "dense_buffers": 0}  # fmt: skip
+    assert terms(p, 0, n, "bf16") == {"dense_params": 2000, "dense_grads": 2000, "dense_optimizer": 12000,
+                                      "dense_buffers": 0}  # fmt: skip
+    # stage 1: optimizer states + fp32 master partitioned (12 x 1000 / 4); an fp32 bucket of 50
+    assert terms(p, 1, n, "bf16") == {"dense_params": 2000, "dense_grads": 2000, "dense_optimizer": 3000,
+                                      "dense_buffers": 200}  # fmt: skip
+    # stage 2: bf16 grads and the fp32 gradient partition split over ranks; two bf16 buckets
+    assert terms(p, 2, n, "bf16") == {"dense_params": 2000, "dense_grads": 1500, "dense_optimizer": 3000,
+                                      "dense_buffers": 200}  # fmt: skip
+    # buckets never exceed the model at stages 1-2
+    assert dense_bytes(p, 2, n, "fp32", reduce_bucket_elements=10**9)["dense_buffers"] == 2 * 4 * p
+    # stage 3: params too, plus the gathered working set of two layers (2 x 100 params x 2 bytes);
+    # the bucket and the flat fp32 gradient partition (4 x 1000 / 4)
+    stage3 = terms(p, 3, n, "bf16", largest_layer_params=100)
+    assert stage3["dense_params"] == 500 + 400 and stage3["dense_buffers"] == 100 + 1000
+    offloaded = terms(p, 3, n, "bf16", True, True, largest_layer_params=100)
+    assert offloaded == {"dense_params": 400, "dense_grads": 500, "dense_optimizer": 0, "dense_buffers": 100}
     with pytest.raises(ValueError, match="offload_params needs zero_stage=3"):
         dense_bytes(p, 2, n, "bf16", offload_params=True)
 
@@ -147,7 +144,7 @@ def test_estimate_memory_has_every_term():
     est = estimate_memory(cfg, world_size=8, local_world_size=8, num_items=3706,
                           batch=BatchShape.bound(4096, 200, "hstu"))  # fmt: skip
     expected = {"embedding_weights", "embedding_optimizer", "embedding_grads", "lookup", "dense_params",
-                "dense_grads", "dense_optimizer", "activations", "attention", "loss"}  # fmt: skip
+                "dense_grads", "dense_optimizer", "dense_buffers", "activations", "attention", "loss"}  # fmt: skip
     assert set(est.terms) == expected
     assert est.with_margin > est.total > 0
 

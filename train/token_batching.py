@@ -29,7 +29,6 @@ All functions here are pure (numpy in, lists out); ``train/reader.py`` does the 
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -126,39 +125,35 @@ def cut_window(
     n = len(lengths)
     if n < world_size:
         raise ValueError(f"a window of {n} rows cannot feed {world_size} ranks")
-    batches: list[list[int]] = []  # row index ranges as lists, split into parts below
-    start = 0
     cum_tokens = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
     cum_cost = np.concatenate([[0], np.cumsum(lengths.astype(np.int64) ** 2)])
+    out: list[list[list[int]]] = []
+    start = 0
     while start < n:
-        # Largest stop within the global budgets (one search per batch).
+        # Largest stop within the global budgets (one search per batch), at least one row per rank.
         stop = int(np.searchsorted(cum_tokens, cum_tokens[start] + world_size * max_tokens, side="right")) - 1
         if max_cost is not None:
             stop = min(
                 stop, int(np.searchsorted(cum_cost, cum_cost[start] + world_size * max_cost, "right")) - 1
             )
-        stop = max(stop, min(n, start + world_size))
-        batches.append(list(range(start, min(stop, n))))
-        start = min(stop, n)
-    # The last batch must feed every rank: merge a short tail into the one before.
-    if len(batches) > 1 and len(batches[-1]) < world_size:
-        tail = batches.pop()
-        batches[-1] = batches[-1] + tail
-    out: list[list[list[int]]] = []
-    pending = deque(batches)
-    while pending:
-        rows = pending.popleft()
-        parts = _split(lengths[rows], world_size, max_tokens, max_cost)
+        stop = min(n, max(stop, start + world_size))
+        if 0 < n - stop < world_size:
+            stop = n  # a tail too short for every rank joins this batch (split in two below if needed)
+        while True:
+            parts = _split(lengths[start:stop], world_size, max_tokens, max_cost)
+            if parts is not None or stop - start <= world_size:
+                break
+            stop -= 1  # a part is over budget: the shortest row waits for the next batch
+            if 0 < n - stop < world_size:  # but never leave a tail that cannot feed every rank
+                half = start + (stop - start) // 2
+                if half - start >= world_size:
+                    stop = half
         if parts is None:
-            if len(rows) >= 2 * world_size:
-                # Halve and retry: each half still feeds every rank.
-                half = len(rows) // 2
-                pending.extendleft([rows[half:], rows[:half]])
-                continue
             raise AssertionError(
-                f"no split of {len(rows)} rows within the budgets (check_budgets admits them)"
+                f"no split of {stop - start} rows within the budgets (check_budgets admits them)"
             )
-        out.append([[rows[i] for i in part] for part in parts])
+        out.append([[start + i for i in part] for part in parts])
+        start = stop
     return out
 
 
