@@ -304,7 +304,8 @@ def zero_rows() -> list[dict]:
                            reduce_bucket_elements=DEEPSPEED_REDUCE_BUCKET)  # fmt: skip
         # Alive after the step: stage 2's gradient partition and buckets, stage 3's bucket and flat
         # gradient partition (stage 1 frees its bucket and gradients at the step).
-        buffers = {0: 0, 1: 0, 2: pred["dense_grads"] + pred["dense_buffers"], 3: pred["dense_buffers"]}[stage]
+        alive = {2: pred["dense_grads"] + pred["dense_buffers"], 3: pred["dense_buffers"]}
+        buffers = alive.get(stage, 0)
         predicted = {
             "dense_params": pred["dense_params"],
             "optimizer+grads+buffers": pred["dense_optimizer"] + buffers,
