@@ -99,17 +99,21 @@ def dense_rows() -> list[dict]:
                                checkpointing=ckpt, fake=fake)  # fmt: skip
         seconds = time.perf_counter() - t0
         batch = BatchShape.from_lengths(lengths, family)
-        act = ACTIVATION_MODELS[family](dims, batch, b, ckpt)
+        act = dict(ACTIVATION_MODELS[family](dims, batch, b, ckpt))
         p = dims.num_params()
         negs = {"shared": k, "per_position": batch.num_tokens * k, "full": items, "in_batch": 0}[neg]
         rows = (2 * batch.num_tokens + negs) * d * 4
+        loss = loss_bytes(batch, d, neg, k, items)
+        # Checkpointing: the recomputed layer (with the harness's rows' gradient) or the loss buffers,
+        # whichever is larger (estimate_memory's "recompute" term).
+        loss_or_recompute = max(loss, act.pop("recompute", 0) + (rows if ckpt else 0))
         predicted = {
             "params": dense_bytes(p, 0, 1, "fp32")["dense_params"] * b // 4,
             "optimizer": 2 * b * p,  # torch AdamW's moments in the parameters' dtype
             # + the bf16 copy of the inputs (the encoder's input), which MemTracker counts as an activation
             "activations": act["activations"]
             + act["attention"]
-            + loss_bytes(batch, d, neg, k, items)
+            + loss_or_recompute
             + (batch.num_tokens * d * b if fake else 0),
             # the harness's lookup output: one fp32 leaf (its gradient comes in backward, see lookup_bytes)
             "lookup rows": rows,

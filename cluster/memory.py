@@ -46,6 +46,10 @@ Terms (all per rank, the worst rank where ranks differ):
     part (per token) in ``activations``, the part quadratic in the lengths in ``attention``.
 ``loss``
     Buffers of the loss over N positions: negatives x positions (x width for per_position).
+``recompute`` (activation checkpointing only)
+    The working set of the layer backward is recomputing, plus the gradients flowing through it and
+    the looked-up rows' gradient, beyond the loss buffers: those are freed before any layer is
+    recomputed, so the peak is the larger of the two, and this term is the excess.
 ``margin``
     Allocator fragmentation and what ``max_memory_allocated`` does not see (CUDA context, NCCL
     buffers): ``MARGIN_FRACTION`` of the sum plus ``MARGIN_FIXED_BYTES``.
@@ -302,6 +306,17 @@ def lookup_bytes(
     return 4 * (unique * stored_width(embedding_dim) + (2 * t + negs[negatives]) * embedding_dim)
 
 
+def unique_rows_grad_bytes(
+    batch: BatchShape, embedding_dim: int, negatives: str, num_negatives: int, num_items: int
+) -> int:
+    """The gradient of the unique ids' rows (fp32), alive in the encoder's backward."""
+    t = batch.num_tokens
+    negs = {"shared": num_negatives, "per_position": t * num_negatives, "full": num_items, "in_batch": 0}[
+        negatives
+    ]
+    return 4 * min(2 * t + negs, num_items + 1) * stored_width(embedding_dim)
+
+
 def loss_bytes(
     batch: BatchShape, embedding_dim: int, negatives: str, num_negatives: int, num_items: int
 ) -> int:
@@ -424,11 +439,11 @@ def hstu_activations(
     backward_quad = b * h * ps // 2
     layers = dims.num_blocks
     if checkpointing:
-        linear = layers * b * t * d + layer_linear
-        quad = layer_quad + backward_quad
-    else:
-        linear = layers * layer_linear
-        quad = layers * layer_quad + backward_quad
+        return _checkpointed(
+            layers * b * t * d + shared, layer_linear + backward_linear, layer_quad + backward_quad, b * t * d
+        )
+    linear = layers * layer_linear
+    quad = layers * layer_quad + backward_quad
     return {"activations": linear + shared + backward_linear, "attention": quad}
 
 
@@ -465,15 +480,29 @@ def sasrec_activations(
     backward_linear = b * pt * 4 * d
     backward_quad = 0 if flash else b * h * ps
     if checkpointing:
-        linear = dims.num_blocks * b * t * d + layer_linear
-        quad = layer_quad + backward_quad
-    else:
-        linear = dims.num_blocks * layer_linear
-        quad = dims.num_blocks * layer_quad + backward_quad
+        kept = dims.num_blocks * b * t * d + shared
+        return _checkpointed(kept, layer_linear + backward_linear, layer_quad + backward_quad, b * t * d)
+    linear = dims.num_blocks * layer_linear
+    quad = dims.num_blocks * layer_quad + backward_quad
     return {"activations": linear + shared + backward_linear, "attention": quad}
 
 
-# A model family provides its activation term here, keyed by model.name (TIGER adds its own).
+def _checkpointed(kept: int, layer_linear: int, layer_quad: int, grad_td: int) -> dict[str, int]:
+    """Activation terms under checkpointing: what the forward keeps (each layer's input and the
+    shared tensors), and ``recompute``: one layer's working set while backward recomputes it, plus
+    the gradient flowing into and out of it (2 x [T, D]).
+
+    Backward recomputes layers only after the loss's backward has freed the loss buffers, so
+    ``estimate_memory`` counts the larger of ``loss`` and ``recompute`` (the peak is at the end of
+    the forward pass or inside a recomputed layer; measured in benchmarks/memory_bench.py).
+    """
+    return {"activations": kept, "attention": 0, "recompute": layer_linear + layer_quad + 2 * grad_td}
+
+
+# A model family provides its activation term here, keyed by model.name (TIGER adds its own):
+# fn(dims, batch, dtype_bytes, checkpointing, has_timestamps) -> {"activations": bytes kept for
+# backward, linear in the tokens; "attention": the part quadratic in the lengths; with checkpointing
+# also "recompute": one layer's working set in backward (see _checkpointed)}.
 ActivationFn = Callable[..., dict]
 ACTIVATION_MODELS: dict[str, ActivationFn] = {"hstu": hstu_activations, "sasrec": sasrec_activations}
 
@@ -543,8 +572,15 @@ def estimate_memory(
             f"model.name={dims.name!r} has no activation model; register one in cluster.memory.ACTIVATION_MODELS"
         )
     kwargs = {"flash": flash_attention} if dims.name == "sasrec" else {}
-    terms.update(fn(dims, batch, DTYPE_BYTES[precision], checkpointing, has_timestamps, **kwargs))
+    act = dict(fn(dims, batch, DTYPE_BYTES[precision], checkpointing, has_timestamps, **kwargs))
+    recompute = act.pop("recompute", 0)
+    terms.update(act)
     terms["loss"] = loss_bytes(batch, dims.embedding_dim, neg, k, num_items)
+    if recompute:
+        # Recomputed layers live after the loss buffers are freed; the looked-up rows' gradient
+        # (the unique ids' rows, fp32) lives by then too.
+        unique_grad = unique_rows_grad_bytes(batch, dims.embedding_dim, neg, k, num_items)
+        terms["recompute"] = max(0, recompute + unique_grad - terms["loss"])
     return MemoryEstimate(terms)
 
 

@@ -156,3 +156,10 @@ def test_token_batches_balance_attention_better_than_fixed_rows():
     tokens_balance = tb.balance_stats(token_costs)["mean_max_over_mean"]
     rows_balance = tb.balance_stats(row_costs)["mean_max_over_mean"]
     assert tokens_balance < 1.05 < rows_balance, (tokens_balance, rows_balance)
+
+
+def test_batch_composition_changes_between_epochs():
+    lengths = np.random.default_rng(2).integers(1, 60, size=600)
+    epochs = [tb.plan_epoch([lengths], 2, 400, None, seed=0, epoch=e) for e in (0, 1)]
+    batches = [{frozenset(i for p in b.parts for i in p) for b in plan[0]} for plan in epochs]
+    assert len(batches[0] & batches[1]) < len(batches[0]) / 2

@@ -5,8 +5,9 @@ vary (HSTU's attention costs ~ sum of l^2), and a rank whose batch is light wait
 one at every collective. Here a *global batch* is cut for all ranks at once and divided among them:
 
 1. Windows. The epoch's permuted row groups (``units``) are taken ``window_units`` at a time; the
-   rows of a window are shuffled with ``(seed, epoch, window)`` and sorted by length (stable), so
-   rows of similar length land in the same batch (bucketing) and padding stays small.
+   rows of a window are shuffled with ``(seed, epoch, window)`` and sorted by length times a random
+   factor in [1, 1 + length_jitter), so rows of similar length land in the same batch (bucketing,
+   padding stays small) while the batches' composition still changes from epoch to epoch.
 2. Cuts. Walking the sorted rows, a global batch closes when the next row would take it past
    ``world_size * max_tokens`` tokens or ``world_size * max_cost`` attention cost (sum of l^2).
 3. Balance. The rows of a global batch are split into ``world_size`` parts with the
@@ -173,6 +174,7 @@ def plan_epoch(
     seed: int,
     epoch: int,
     shuffle: bool = True,
+    length_jitter: float = 0.1,
 ) -> list[list[GlobalBatch]]:
     """Per window, its global batches in order (see the module docstring).
 
@@ -185,7 +187,12 @@ def plan_epoch(
         lengths = np.asarray(lengths, dtype=np.int64)
         rng = np.random.default_rng([seed, epoch, w, 7])
         order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
-        order = order[np.argsort(-lengths[order], kind="stable")]  # bucket: longest first
+        key = lengths[order].astype(np.float64)
+        if shuffle and length_jitter > 0:
+            # Jitter the sort key so that neighbouring lengths mix differently every epoch (a plain
+            # sort would put the same rows together in every epoch).
+            key = key * (1.0 + length_jitter * rng.random(len(key)))
+        order = order[np.argsort(-key, kind="stable")]  # bucket: longest first
         batches = cut_window(lengths[order], world_size, max_tokens, max_cost)
         if shuffle:
             batches = [batches[i] for i in rng.permutation(len(batches))]
