@@ -191,16 +191,17 @@ class Plan:
         return "\n".join(lines)
 
 
-def data_stats(cfg) -> tuple[int | None, float | None]:
-    """(num_items, mean stored row length) from the data's manifest, or (None, None) if absent."""
+def data_stats(cfg) -> tuple[int | None, float | None, bool]:
+    """(num_items, mean stored row length, has timestamps) from the data's manifest; without one
+    (None, None, True): timestamps are assumed, which makes HSTU's time-bias index count."""
     path = Path(cfg.data.dir) / "manifest.json"
     if not path.is_file():
-        return None, None
+        return None, None, True
     manifest = json.loads(path.read_text())
     split = manifest.get("splits", {}).get("valid" if cfg.data.train_split == "train_valid" else "train", {})
     rows, items = split.get("num_rows"), split.get("num_interactions")
     mean = items / rows if rows and items else None
-    return manifest.get("num_items"), mean
+    return manifest.get("num_items"), mean, bool(manifest.get("has_timestamps", True))
 
 
 def _compute_seconds(cfg, sched: Schedule, batch: BatchShape, cluster: ClusterSpec, num_items: int) -> float:
@@ -288,7 +289,7 @@ def plan_schedule(
     """The fastest schedule that fits ``cluster`` (see the module docstring), or the closest miss
     (with ``Plan.explain`` when ``explain``)."""
     dims = model_dims(cfg)
-    manifest_items, manifest_mean = data_stats(cfg)
+    manifest_items, manifest_mean, has_timestamps = data_stats(cfg)
     num_items = num_items or manifest_items
     if num_items is None:
         raise ValueError(
@@ -326,7 +327,7 @@ def plan_schedule(
                 ),
             )
             est = estimate_memory(trial, world_size=world, local_world_size=cluster.gpus_per_node,
-                                  num_items=num_items, batch=batch, checkpointing=ckpt,
+                                  num_items=num_items, batch=batch, checkpointing=ckpt, has_timestamps=has_timestamps,
                                   precision=cluster.precision)  # fmt: skip
             count += 1
             if est.with_margin <= cluster.gpu_memory_bytes:

@@ -33,7 +33,7 @@ def test_plan_never_exceeds_the_budget(gpu_gib, nodes, num_items):
         s = plan.schedule
         batch = BatchShape.bound(s.max_tokens_per_rank, 1024, "hstu", s.max_attention_cost_per_rank)
         again = estimate_memory(applied, world_size=8 * nodes, local_world_size=8, num_items=num_items,
-                                batch=batch, checkpointing=s.checkpointing)  # fmt: skip
+                                batch=batch, checkpointing=s.checkpointing, has_timestamps=True)  # fmt: skip
         assert again.terms == plan.memory.terms
         # The configured global batch is kept (token budgets round up by < 1 token per rank and step).
         assert plan.tokens_per_step >= 1024 * 299
