@@ -40,6 +40,13 @@ class DataConfig:
     # user's rows, as windows (prepare with split.older_windows=true). Rows otherwise keep only the
     # most recent max_seq_len + 1 items; on ML-1M at 200 that leaves out a third of the interactions.
     older_windows: bool = False
+    # How training batches are cut (train/token_batching.py). rows: batch_size rows per step (global).
+    # tokens: per rank at most max_tokens_per_rank items and max_attention_cost_per_rank (sum of
+    # squared row lengths; None: no limit), length-bucketed and balanced across ranks, every rank the
+    # same number of steps; batch_size and partition are then not used for training.
+    batching: Literal["rows", "tokens"] = "rows"
+    max_tokens_per_rank: int | None = None
+    max_attention_cost_per_rank: int | None = None
 
     def validate(self) -> None:
         for key in ("batch_size", "eval_batch_size"):
@@ -47,6 +54,16 @@ class DataConfig:
                 raise ConfigError(f"data.{key}", f"got {getattr(self, key)}, expected an integer >= 1")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers", f"got {self.num_workers}, expected >= 0")
+        if self.batching == "tokens" and self.max_tokens_per_rank is None:
+            raise ConfigError(
+                "data.max_tokens_per_rank",
+                "data.batching=tokens needs a per-rank token budget, e.g. data.max_tokens_per_rank=8192 "
+                "(python -m cluster plan computes one that fits the GPU)",
+            )
+        for key in ("max_tokens_per_rank", "max_attention_cost_per_rank"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"data.{key}", f"got {value}, expected an integer >= 1 or null")
 
 
 @dataclass

@@ -35,6 +35,15 @@ Batches are cut greedily from the worker's row stream: a batch closes at ``batch
 when the next row would take it past ``max_tokens`` items. Only each worker's last batch can close
 early, at the end of its rows (``drop_last`` drops it).
 
+``batching="tokens"`` (``train/token_batching.py``)
+    Batches are cut by a per-rank token budget (``max_tokens_per_rank``) and optionally an
+    attention-cost budget (``max_attention_cost_per_rank``, sum of l^2), not by rows: every rank
+    takes its part of the same length-bucketed global batch, split by Karmarkar-Karp so that the
+    ranks' attention costs are close, and all ranks get exactly the same number of batches.
+    ``batch_size`` and ``partition`` are not used; every rank reads every row group (its part of
+    each global batch can come from any of them), windows of ``shuffle_block_row_groups`` row
+    groups at a time, dealt to DataLoader workers round-robin.
+
 Resume: ``state_dict(batches_consumed=k)`` records the epoch and k; a fresh dataset given that state
 skips exactly those k batches and yields the rest of the epoch. The DataLoader hands out worker
 batches round-robin (worker 0, 1, ..., skipping workers that have finished), so each worker's share
@@ -59,6 +68,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from train import token_batching
 from train.batch import SequenceBatch, collate_rows
 
 __all__ = ["load_manifest", "SequenceDataset", "SUPPORTED_SCHEMA_VERSIONS", "PARTITIONS"]
@@ -67,6 +77,7 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 PARTITIONS = ("rows", "row_groups", "strided")
+BATCHINGS = ("rows", "tokens")
 _PREPARE_HINT = "run `python -m data_pipeline prepare --config ...` first"
 
 # Keys of state_dict() that describe how the epoch is cut into batches: resuming mid-epoch needs
@@ -83,6 +94,10 @@ _LAYOUT_KEYS = (
     "world_size",
     "num_workers",
     "shuffle_block_row_groups",
+    "batching",
+    "max_tokens_per_rank",
+    "max_attention_cost_per_rank",
+    "max_row_len",
 )
 
 
@@ -190,9 +205,18 @@ class SequenceDataset(IterableDataset):
         max_tokens: int | None = None,
         partition: str = "rows",
         shuffle_block_row_groups: int = 8,
+        batching: str = "rows",
+        max_tokens_per_rank: int | None = None,
+        max_attention_cost_per_rank: int | None = None,
+        max_row_len: int | None = None,
     ):
         """``num_workers`` must equal the DataLoader's (``dataset.loader()`` uses it); the partition
-        of the data depends on it."""
+        of the data depends on it.
+
+        ``batching="tokens"`` cuts batches by ``max_tokens_per_rank`` items and (optionally)
+        ``max_attention_cost_per_rank`` (sum of squared row lengths) per rank; ``max_row_len``
+        counts each row as at most that long (the trainer cuts rows to model.max_seq_len + 1).
+        """
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -210,6 +234,13 @@ class SequenceDataset(IterableDataset):
             )
         if shuffle_block_row_groups < 1:
             raise ValueError(f"shuffle_block_row_groups must be >= 1, got {shuffle_block_row_groups}")
+        if batching not in BATCHINGS:
+            raise ValueError(f"batching must be one of {', '.join(BATCHINGS)}, got {batching!r}")
+        if batching == "tokens" and max_tokens_per_rank is None:
+            raise ValueError(
+                "batching='tokens' needs max_tokens_per_rank (data.max_tokens_per_rank): the items per rank "
+                "and step; e.g. the rows-mode batch's items, batch_size / world_size * mean row length"
+            )
         self.data_dir = Path(data_dir)
         self.manifest = load_manifest(self.data_dir)
         splits = self.manifest["splits"]
@@ -239,6 +270,11 @@ class SequenceDataset(IterableDataset):
         self.max_tokens = max_tokens
         self.partition = partition
         self.shuffle_block_row_groups = shuffle_block_row_groups
+        self.batching = batching
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.max_attention_cost_per_rank = max_attention_cost_per_rank
+        self.max_row_len = max_row_len
+        self._token_plans: dict[int, tuple[list[list[int]], list[list[token_batching.GlobalBatch]]]] = {}
         self.epoch = 0
         self._resume_batches = 0  # batches of self.epoch to skip (from load_state_dict)
         self._batches_yielded = 0  # in-process iteration only (num_workers=0)
@@ -253,6 +289,14 @@ class SequenceDataset(IterableDataset):
             column_sets.append(columns)
         self.columns = min(column_sets, key=len)  # timestamps only when every split has them
         self.num_rows = sum(u.num_rows for u in self.units)
+        if batching == "tokens":
+            longest = max_seq_len + 1 if isinstance(max_seq_len, int) else None
+            if max_row_len is not None:
+                longest = max_row_len if longest is None else min(longest, max_row_len)
+            if longest is not None:
+                token_batching.check_budgets(longest, max_tokens_per_rank, max_attention_cost_per_rank)
+            if self.num_rows < world_size:
+                raise ValueError(f"{self.split} has {self.num_rows} rows, fewer than the {world_size} ranks")
         self._open_files: dict[int, pq.ParquetFile] = {}
         self._unit_lengths: dict[int, np.ndarray] = {}
         self._count_cache: dict[tuple[int, int], int] = {}
@@ -318,6 +362,61 @@ class SequenceDataset(IterableDataset):
         state = self.__dict__.copy()
         state["_open_files"] = {}
         return state
+
+    # ------------------------------------------------------------------------ token batching
+
+    def _unit_row_lengths(self, unit_index: int) -> np.ndarray:
+        """Lengths of a unit's rows (cached; reads the item_ids column only), capped at max_row_len."""
+        lengths = self._unit_lengths.get(unit_index)
+        if lengths is None:
+            table = self._read_segment((unit_index, 0, self.units[unit_index].num_rows), ["item_ids"])
+            lengths = self._unit_lengths[unit_index] = _row_lengths(table)
+        return lengths if self.max_row_len is None else np.minimum(lengths, self.max_row_len)
+
+    def _token_plan(self, epoch: int) -> tuple[list[list[int]], list[list[token_batching.GlobalBatch]]]:
+        """(unit indices of each window, each window's global batches) for ``epoch``; cached."""
+        if epoch not in self._token_plans:
+            order = [int(u) for u in self._unit_order(epoch)]
+            positions = token_batching.group_units(
+                [self.units[u].num_rows for u in order], self.shuffle_block_row_groups, self.world_size
+            )
+            windows = [[order[p] for p in window] for window in positions]
+            lengths = [np.concatenate([self._unit_row_lengths(u) for u in window]) for window in windows]
+            plan = token_batching.plan_epoch(
+                lengths, self.world_size, self.max_tokens_per_rank, self.max_attention_cost_per_rank,
+                self.seed, epoch, self.shuffle,
+            )  # fmt: skip
+            self._token_plans = {epoch: (windows, plan)}  # one epoch at a time
+        return self._token_plans[epoch]
+
+    def _token_worker_counts(self, epoch: int) -> list[int]:
+        """Batches of each local worker (window i goes to worker i % num_workers)."""
+        num_local = max(1, self.num_workers)
+        _, plan = self._token_plan(epoch)
+        counts = [0] * num_local
+        for i, batches in enumerate(plan):
+            counts[i % num_local] += len(batches)
+        return counts
+
+    def _iter_tokens(self, epoch: int, worker: int, num_local: int) -> Iterator[SequenceBatch]:
+        windows, plan = self._token_plan(epoch)
+        rotation, skips = token_batching.round_robin_position(
+            self._token_worker_counts(epoch), self._resume_batches
+        )
+        role = (worker + rotation) % num_local
+        skip = skips[role]
+        self._batches_yielded = self._resume_batches
+        for i in range(role, len(plan), num_local):
+            if skip >= len(plan[i]):
+                skip -= len(plan[i])
+                continue
+            table = pa.concat_tables(
+                [self._read_segment((u, 0, self.units[u].num_rows), self.columns) for u in windows[i]]
+            )
+            for batch in plan[i][skip:]:
+                self._batches_yielded += 1
+                yield collate_rows(table.take(pa.array(batch.parts[self.rank], type=pa.int64())))
+            skip = 0
 
     # ---------------------------------------------------------------------------------- planning
 
@@ -563,6 +662,9 @@ class SequenceDataset(IterableDataset):
                 "to both (dataset.loader() does)"
             )
         epoch = self.epoch
+        if self.batching == "tokens":
+            yield from self._iter_tokens(epoch, worker, num_local)
+            return
         num_global = self.world_size * num_local
         rotation, skips = self._resume_plan(epoch, self._resume_batches)
         role = (worker + rotation) % num_local  # which worker of the uninterrupted run this one continues
@@ -589,6 +691,8 @@ class SequenceDataset(IterableDataset):
 
         With ``max_tokens`` this reads the ``item_ids`` column once to learn the row lengths.
         """
+        if self.batching == "tokens":
+            return sum(self._token_worker_counts(self.epoch))
         num_local = max(1, self.num_workers)
         num_global = self.world_size * num_local
         return sum(

@@ -1,0 +1,617 @@
+"""Per-rank GPU memory model of one training step: every term separately, in bytes.
+
+    dims = model_dims(cfg)                                   # the one place that reads cfg.model
+    batch = BatchShape.from_lengths(lengths, "hstu")         # or BatchShape.bound(tokens, max_len)
+    est = estimate_memory(cfg, world_size=8, local_world_size=8, num_items=10**8, batch=batch)
+    est.terms["embedding_optimizer"], est.total, est.with_margin
+
+Terms (all per rank, the worst rank where ranks differ):
+
+``embedding_weights`` / ``embedding_optimizer`` / ``embedding_grads``
+    The item table's shard and its fused optimizer state under ``embeddings.sharding_type``. The
+    shard shapes come from TorchRec's own ``calculate_shard_sizes_and_offsets`` (row_wise: the first
+    ranks hold ``ceil(rows / world)`` rows; table_row_wise: ``ceil(rows / local_world)``; table_wise:
+    the whole table on one rank; column_wise: blocks of ``min_partition`` (TorchRec's default 128,
+    or the whole width when it does not divide) spread over the ranks; data_parallel: the whole
+    table everywhere). fbgemm stores widths as multiples of 4 (``train/embeddings.py``), so the stored
+    width, not ``embedding_dim``, is used. Optimizer state in fp32: rowwise_adagrad one value per row
+    *and column shard*, adagrad the table's shape, sgd nothing, adam two tables. Fused kernels
+    (model parallel) keep no gradient; data_parallel keeps a dense gradient the table's size
+    (TorchRec's DDP), which is ``embedding_grads``.
+    Where this differs from TorchRec's planner (``EmbeddingStorageEstimator`` /
+    ``calculate_shard_storages``): the planner charges rowwise_adagrad ``tensor_bytes / width``
+    per shard, i.e. one value per row scaled by the shard's share of the columns, so under
+    column_wise sharding it undercounts (fbgemm keeps a full row of state per column shard); it
+    charges adagrad/other optimizers 1x and never charges data_parallel's dense gradient; and on
+    GPU it adds input/output buffers of the lookup, which we count in ``lookup`` from the actual
+    step (unique ids, not the planner's pooling-factor guess).
+``lookup``
+    The step's embedding rows: the unique ids' lookup output plus the per-position copies the
+    trainer indexes from it (inputs, targets and negatives, fp32) and their gradients in backward.
+``dense_params`` / ``dense_grads`` / ``dense_optimizer``
+    The encoder under DeepSpeed ZeRO with AdamW. P parameters, N data-parallel ranks, w = 2 bytes
+    (bf16/fp16) or 4 (fp32) for the model copy:
+      stage 0: params wP, grads wP, optimizer 8P (+ fp32 master 4P with mixed precision);
+      stage 1: optimizer states and the fp32 master copy partitioned: (8P + 4P) / N;
+      stage 2: also the gradients: grads wP / N;
+      stage 3: also the parameters: params wP / N, plus the gathered working set of the two
+               largest layers (prefetch);
+    DeepSpeed stages 1-2 keep an fp32 partition copy even for fp32 models (``single_partition_of_
+    fp32_groups``), so the master term applies for every precision at stages >= 1.
+    ``offload_optimizer`` moves master weights and optimizer states (and the fp32 gradient
+    partition) to CPU; ``offload_params`` (stage 3) moves the parameters, leaving the working set.
+``activations`` / ``attention``
+    What the encoder keeps for backward, from a per-family function of the batch's jagged lengths
+    (``ACTIVATION_MODELS[name](dims, batch, dtype_bytes, dropout, checkpointing)``): the linear
+    part (per token) in ``activations``, the part quadratic in the lengths in ``attention``.
+``loss``
+    Buffers of the loss over N positions: negatives x positions (x width for per_position).
+``recompute`` (activation checkpointing only)
+    The working set of the layer backward is recomputing, plus the gradients flowing through it and
+    the looked-up rows' gradient, beyond the loss buffers: those are freed before any layer is
+    recomputed, so the peak is the larger of the two, and this term is the excess.
+``margin``
+    Allocator fragmentation and what ``max_memory_allocated`` does not see (CUDA context, NCCL
+    buffers): ``MARGIN_FRACTION`` of the sum plus ``MARGIN_FIXED_BYTES``.
+
+Everything here is pure arithmetic (no tensors), so the planner can call it thousands of times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+GiB = 1024**3
+MiB = 1024**2
+
+# Allocator margin: fragmentation of the caching allocator (measured peaks of reserved vs allocated
+# memory are typically 5-10% apart) plus a fixed amount for the CUDA context and NCCL buffers,
+# which max_memory_allocated does not count but the GPU does.
+MARGIN_FRACTION = 0.08
+MARGIN_FIXED_BYTES = int(1.0 * GiB)
+
+# fbgemm's storage alignment of embedding rows (train/embeddings.py rounds widths up to it).
+FBGEMM_WIDTH_ALIGN = 4
+# TorchRec's default column-wise block width (torchrec.distributed.planner.constants.MIN_CW_DIM).
+TORCHREC_MIN_CW_DIM = 128
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+# DeepSpeed's default reduce_bucket_size (elements); train/zero.py does not set it.
+DEEPSPEED_REDUCE_BUCKET = int(5e8)
+SHARDING_TYPES = ("row_wise", "table_wise", "column_wise", "table_row_wise", "data_parallel")
+TABLE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+
+# HSTU's jagged path pads each length group to its longest row (train/models/hstu.py,
+# plan_length_groups with shrink 0.75): padding adds at most 1/0.75 to tokens, 1/0.75^2 to l^2.
+# Without the real lengths (planning from budgets) the planner assumes this typical overhead.
+HSTU_PAD_TOKENS = 1.10
+HSTU_PAD_SQUARES = 1.25
+
+
+# ----------------------------------------------------------------------------------- the adapter
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The encoder's shape as the memory model needs it, independent of how the config spells it."""
+
+    name: str
+    embedding_dim: int
+    num_blocks: int
+    num_heads: int
+    attention_dim: int
+    linear_dim: int
+    max_seq_len: int
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    use_position_bias: bool = True
+    use_time_bias: bool = False
+    num_time_buckets: int = 128
+
+    def num_params(self) -> int:
+        """Dense parameters of the encoder (position table + layers), counted from the modules' shapes."""
+        d, h = self.embedding_dim, self.num_heads
+        pos = self.max_seq_len * d
+        if self.name == "hstu":
+            e, f = h * self.attention_dim, h * self.linear_dim
+            per_layer = d * (2 * f + 2 * e) + f * d + d
+            per_layer += (
+                self.max_seq_len * self.use_position_bias + self.num_time_buckets * self.use_time_bias
+            )
+            return pos + self.num_blocks * per_layer
+        if self.name == "sasrec":
+            per_layer = (d * d + d) + (d * 2 * d + 2 * d) + (d * d + d)
+            per_layer += (d * self.linear_dim + self.linear_dim) + (self.linear_dim * d + d)
+            return pos + self.num_blocks * per_layer
+        raise ValueError(f"model.name={self.name!r}: no parameter count; known: hstu, sasrec")
+
+    def largest_layer_params(self) -> int:
+        """Parameters of one block (ZeRO-3 gathers a block at a time)."""
+        return (self.num_params() - self.max_seq_len * self.embedding_dim) // max(1, self.num_blocks)
+
+
+def model_dims(cfg) -> ModelDims:
+    """``TrainConfig`` -> ``ModelDims``. The only function that reads ``cfg.model``.
+
+    Today the model section is flat (``model.embedding_dim``); when it moves to per-family sections
+    (``model.name: hstu`` + ``model.hstu.embedding_dim``), only this function changes.
+    """
+    m = cfg.model
+    section = getattr(m, m.name, m)  # per-family section if present, else the flat one
+    return ModelDims(
+        name=m.name,
+        embedding_dim=section.embedding_dim,
+        num_blocks=section.num_blocks,
+        num_heads=section.num_heads,
+        attention_dim=getattr(section, "attention_dim", section.embedding_dim),
+        linear_dim=section.linear_dim,
+        max_seq_len=section.max_seq_len,
+        dropout=getattr(section, "dropout", 0.0),
+        attn_dropout=getattr(section, "attn_dropout", 0.0),
+        use_position_bias=getattr(section, "use_position_bias", False),
+        use_time_bias=getattr(section, "use_time_bias", False),
+        num_time_buckets=getattr(section, "num_time_buckets", 0),
+    )
+
+
+# ------------------------------------------------------------------------------------ the batch
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """One rank's batch of model inputs as the memory model sees it.
+
+    ``num_tokens`` = sum l, ``sum_squares`` = sum l^2 (the attention cost). ``padded_tokens`` and
+    ``padded_squares`` are what the encoder's attention really pads to: for HSTU sum over length
+    groups of B_g N_g and B_g N_g^2, for SASRec B N and B N^2 (the batch's longest row).
+    """
+
+    num_rows: int
+    num_tokens: int
+    sum_squares: int
+    max_len: int
+    padded_tokens: int
+    padded_squares: int
+    group_squares: int = 0  # sum over length groups of N_g^2 (HSTU's per-group masks)
+
+    @staticmethod
+    def from_lengths(lengths, family: str) -> BatchShape:
+        """Exact shape of a batch with model-input lengths ``lengths`` for model ``family``."""
+        ls = [int(x) for x in lengths]
+        if family == "hstu":
+            from train.models.hstu import HSTU, plan_length_groups
+
+            ordered = sorted(ls, reverse=True)
+            groups = plan_length_groups(ordered, HSTU.length_group_shrink, HSTU.length_group_min_size)
+            pad_t = sum((end - start) * ordered[start] for start, end in groups)
+            pad_s = sum((end - start) * ordered[start] ** 2 for start, end in groups)
+            group_sq = sum(ordered[start] ** 2 for start, _ in groups)
+        else:
+            n = max(ls, default=0)
+            pad_t, pad_s, group_sq = len(ls) * n, len(ls) * n * n, n * n
+        return BatchShape(
+            len(ls), sum(ls), sum(x * x for x in ls), max(ls, default=0), pad_t, pad_s, group_sq
+        )
+
+    @staticmethod
+    def bound(num_tokens: int, max_len: int, family: str, sum_squares: int | None = None) -> BatchShape:
+        """Worst case under a token budget: rows as long as ``max_len`` (sum l^2 <= max_len * sum l).
+
+        Used by the planner, which knows the budgets, not the batches. ``sum_squares`` caps l^2
+        when an attention-cost budget is also set.
+        """
+        sq = num_tokens * max_len if sum_squares is None else min(sum_squares, num_tokens * max_len)
+        rows = max(1, -(-num_tokens // max(1, max_len)))
+        if family == "hstu":
+            pad_t, pad_s = int(num_tokens * HSTU_PAD_TOKENS), int(sq * HSTU_PAD_SQUARES)
+            group_sq = 4 * max_len * max_len  # a few groups; the longest dominates
+        else:  # SASRec pads every row to the batch's longest
+            pad_t, pad_s, group_sq = rows * max_len, rows * max_len * max_len, max_len * max_len
+        return BatchShape(rows, num_tokens, sq, max_len, pad_t, pad_s, group_sq)
+
+
+# ------------------------------------------------------------------------------ embedding terms
+
+
+def stored_width(embedding_dim: int) -> int:
+    """The width fbgemm stores: ``embedding_dim`` rounded up to a multiple of 4."""
+    return -(-embedding_dim // FBGEMM_WIDTH_ALIGN) * FBGEMM_WIDTH_ALIGN
+
+
+def column_block(width: int, min_partition: int | None) -> int:
+    """Column-wise shard width, as TorchRec computes it (``_get_block_size_for_cw_shard``)."""
+    from torchrec.distributed.sharding_plan import _get_block_size_for_cw_shard
+
+    return _get_block_size_for_cw_shard(width, min_partition)
+
+
+def table_shards_on_worst_rank(
+    num_rows: int,
+    width: int,
+    sharding_type: str,
+    world_size: int,
+    local_world_size: int,
+    min_partition: int | None = None,
+) -> list[tuple[int, int]]:
+    """(rows, columns) of every shard the most loaded rank holds.
+
+    Shard shapes come from TorchRec (``calculate_shard_sizes_and_offsets``); placement is the
+    planner's greedy balance, so the most loaded rank gets ``ceil(num_shards / world)`` shards of
+    the largest size (row_wise shards: the first, ceil-sized ones).
+    """
+    if sharding_type not in SHARDING_TYPES:
+        raise ValueError(f"sharding_type={sharding_type!r}: expected one of {', '.join(SHARDING_TYPES)}")
+    import torch
+    from torchrec.distributed.sharding_plan import calculate_shard_sizes_and_offsets
+
+    meta = torch.empty(num_rows, width, device="meta")
+    block = column_block(width, min_partition) if sharding_type == "column_wise" else None
+    sizes, _ = calculate_shard_sizes_and_offsets(meta, world_size, local_world_size, sharding_type, block)
+    if sharding_type == "data_parallel":
+        return [tuple(sizes[0])]
+    per_rank = -(-len(sizes) // world_size)
+    biggest = sorted((tuple(s) for s in sizes), key=lambda s: s[0] * s[1], reverse=True)
+    return biggest[:per_rank]
+
+
+def embedding_bytes(
+    num_rows: int,
+    embedding_dim: int,
+    sharding_type: str,
+    optimizer: str,
+    world_size: int,
+    local_world_size: int,
+    min_partition: int | None = None,
+    weight_bytes: int = 4,
+) -> dict[str, int]:
+    """``embedding_weights``, ``embedding_optimizer``, ``embedding_grads`` of the worst rank."""
+    if optimizer not in TABLE_OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: expected one of {', '.join(TABLE_OPTIMIZERS)}")
+    width = stored_width(embedding_dim)
+    shards = table_shards_on_worst_rank(
+        num_rows, width, sharding_type, world_size, local_world_size, min_partition
+    )
+    elements = sum(r * c for r, c in shards)
+    state_per_element = {"rowwise_adagrad": 0.0, "adagrad": 1.0, "sgd": 0.0, "adam": 2.0}[optimizer]
+    opt = int(elements * state_per_element * 4)
+    if optimizer == "rowwise_adagrad":
+        opt = 4 * sum(r for r, _ in shards)  # one fp32 per row of every shard (per column shard too)
+    grads = elements * weight_bytes if sharding_type == "data_parallel" else 0
+    return {
+        "embedding_weights": elements * weight_bytes,
+        "embedding_optimizer": opt,
+        "embedding_grads": grads,
+    }
+
+
+def lookup_bytes(
+    batch: BatchShape, embedding_dim: int, negatives: str, num_negatives: int, num_items: int
+) -> int:
+    """The step's looked-up rows (fp32) at the forward's end: the unique ids' output and the copies
+    the trainer indexes from it for inputs, targets and negatives (train/trainer.py ``train_step``).
+
+    Ids looked up: inputs (T), targets (T) and negatives (K shared, T*K per position, all I items
+    for full, none in batch); unique ids <= that and <= I + 1. Their gradients appear in backward,
+    after the loss buffers are freed (measured: the peak is at the end of the forward pass or in
+    the loss's backward, which ``loss`` covers).
+    """
+    t = batch.num_tokens
+    negs = {"shared": num_negatives, "per_position": t * num_negatives, "full": num_items, "in_batch": 0}
+    if negatives not in negs:
+        raise ValueError(f"loss.negatives={negatives!r}: expected one of {', '.join(negs)}")
+    unique = min(2 * t + negs[negatives], num_items + 1)
+    return 4 * (unique * stored_width(embedding_dim) + (2 * t + negs[negatives]) * embedding_dim)
+
+
+def unique_rows_grad_bytes(
+    batch: BatchShape, embedding_dim: int, negatives: str, num_negatives: int, num_items: int
+) -> int:
+    """The gradient of the unique ids' rows (fp32), alive in the encoder's backward."""
+    t = batch.num_tokens
+    negs = {"shared": num_negatives, "per_position": t * num_negatives, "full": num_items, "in_batch": 0}[
+        negatives
+    ]
+    return 4 * min(2 * t + negs, num_items + 1) * stored_width(embedding_dim)
+
+
+def loss_bytes(
+    batch: BatchShape, embedding_dim: int, negatives: str, num_negatives: int, num_items: int
+) -> int:
+    """Peak buffers of the loss over N = T positions, fp32 (train/models/losses.py, ``LossConfig``).
+
+    Per entry of the [N, C] logits (C = K for shared, N for in_batch, I for full): the logits, the
+    masked and concatenated copies (or the cross-entropy's log-softmax), the bool hit mask and, in
+    backward, the logits' gradient: 13 bytes measured for shared and in_batch, 12 for full.
+    per_position: 8 bytes per [N, K] entry plus three [N, K, D] fp32 tensors at backward's peak (the
+    gradients from bmm and from the norms, and their sum).
+    """
+    n = batch.num_tokens
+    if negatives == "shared":
+        return 13 * n * num_negatives
+    if negatives == "in_batch":
+        return 13 * n * n
+    if negatives == "full":
+        return 12 * n * num_items
+    if negatives == "per_position":
+        return 8 * n * num_negatives + 12 * n * num_negatives * embedding_dim
+    raise ValueError(f"loss.negatives={negatives!r}: expected shared, per_position, in_batch or full")
+
+
+# ---------------------------------------------------------------------------------- dense terms
+
+
+def dense_bytes(
+    num_params: int,
+    zero_stage: int,
+    world_size: int,
+    precision: str,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    largest_layer_params: int = 0,
+    reduce_bucket_elements: int = 0,
+) -> dict[str, int]:
+    """``dense_params``, ``dense_grads``, ``dense_optimizer``, ``dense_buffers`` of one rank.
+
+    ``dense_buffers`` is DeepSpeed's gradient reduction bucket of ``reduce_bucket_elements``
+    elements (its ``reduce_bucket_size``, 5e8 by default; the estimate passes DEEPSPEED_REDUCE_BUCKET).
+    Stage 1 and 2 size it to at most the model (``setup_buckets``; fp32 at stage 1, the model's
+    dtype at stage 2, where ``overlap_comm`` keeps two); the ``benchmarks/memory_bench.py`` zero
+    section measures stage 2's pair alive after a step (stage 1's is freed by then: unverified).
+    Stage 3 allocates the full ``reduce_bucket_size`` once at start-up in the gradients' dtype, plus
+    its flat fp32 gradient partition (``grad_partitions_flat_buffer``, 4P / N): at the 5e8 default
+    that is 1.86 GiB in fp32 whatever the model's size (measured).
+    """
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_stage={zero_stage}: expected 0, 1, 2 or 3")
+    if offload_params and zero_stage != 3:
+        raise ValueError("offload_params needs zero_stage=3")
+    if offload_optimizer and zero_stage == 0:
+        raise ValueError("offload_optimizer needs zero_stage >= 1")
+    p, n = num_params, world_size
+    w = DTYPE_BYTES[precision]
+    mixed = w != 4
+    params = w * p if zero_stage < 3 else -(-w * p // n)
+    if zero_stage == 3:
+        working = w * min(p, 2 * largest_layer_params)
+        params = working if offload_params else params + working
+    grads = w * p if zero_stage < 2 else -(-w * p // n)
+    if zero_stage == 0:
+        optimizer = 8 * p + (4 * p if mixed else 0)
+    else:
+        optimizer = -(-12 * p // n)  # AdamW moments + the fp32 partition copy
+        if mixed and zero_stage >= 2:
+            grads += -(-4 * p // n)  # fp32 gradient partition
+    if offload_optimizer:
+        optimizer = 0
+        if mixed and zero_stage >= 2:
+            grads -= -(-4 * p // n)
+    buffers = 0
+    bucket = min(reduce_bucket_elements, p)
+    if zero_stage == 1:
+        buffers = bucket * 4
+    elif zero_stage == 2:
+        buffers = 2 * bucket * w  # overlap_comm double-buffers it (measured: both alive after a step)
+    elif zero_stage == 3:
+        buffers = reduce_bucket_elements * w + (0 if offload_optimizer else -(-4 * p // n))
+    return {
+        "dense_params": params,
+        "dense_grads": grads,
+        "dense_optimizer": optimizer,
+        "dense_buffers": buffers,
+    }
+
+
+# ---------------------------------------------------------------------------- activation terms
+
+
+def hstu_activations(
+    dims: ModelDims, batch: BatchShape, dtype_bytes: int, checkpointing: bool, has_timestamps: bool = False
+) -> dict[str, int]:
+    """What HSTU's jagged path (train/models/hstu.py) keeps for backward, per rank.
+
+    Per layer and token (D width, E = H d_qk, F = H d_v): the layer norm's input x and output (2D),
+    the UVQK projection before and after SiLU (2 (2F + 2E); U is a view that keeps the whole SiLU
+    output alive), the attention output, its layer norm and U * norm (or its dropout) (3F); with
+    output dropout also a bool mask (F bytes). Padded per length group: Q, K, V (2E + F per padded
+    token). Quadratic per layer: the SiLU input (scores + rab) and the masked weights, H per padded
+    pair each (with attention dropout also a bool mask and the dropped copy). Shared by the layers:
+    per group the causal mask (fp32) and distances (int64), 12 bytes per N_g^2; the time-bias index
+    (int64 per padded pair) when timestamps are used; the positions (int64), the input dropout's
+    mask; the L2-normalised output and its input (2D). Backward's extra at its peak (measured): the
+    gradient of one layer's UVQK output (2F + 2E per token) plus half a quadratic tensor.
+    Checkpointing keeps only each layer's input x (D per token) and recomputes one layer at a time
+    in backward, which then holds one layer's worth of the above.
+    """
+    d, b = dims.embedding_dim, dtype_bytes
+    e, f, h = dims.num_heads * dims.attention_dim, dims.num_heads * dims.linear_dim, dims.num_heads
+    t, pt, ps = batch.num_tokens, batch.padded_tokens, batch.padded_squares
+    per_token = b * (2 * d + 4 * e + 7 * f) + (f if dims.dropout > 0 else 0)
+    layer_linear = t * per_token + b * pt * (2 * e + f)
+    quad_entry = 2 * b + ((1 + b) if dims.attn_dropout > 0 else 0)
+    layer_quad = h * ps * quad_entry
+    shared = 12 * batch.group_squares + 8 * t + 2 * b * t * d + (t * d if dims.dropout > 0 else 0)
+    if dims.use_time_bias and has_timestamps:
+        shared += 8 * ps
+    backward_linear = b * t * (2 * f + 2 * e)
+    backward_quad = b * h * ps // 2
+    layers = dims.num_blocks
+    if checkpointing:
+        return _checkpointed(
+            layers * b * t * d + shared, layer_linear + backward_linear, layer_quad + backward_quad, b * t * d
+        )
+    linear = layers * layer_linear
+    quad = layers * layer_quad + backward_quad
+    return {"activations": linear + shared + backward_linear, "attention": quad}
+
+
+def sasrec_activations(
+    dims: ModelDims,
+    batch: BatchShape,
+    dtype_bytes: int,
+    checkpointing: bool,
+    has_timestamps: bool = False,
+    flash: bool = True,
+) -> dict[str, int]:
+    """What SASRec's jagged path (train/models/sasrec.py) keeps for backward, per rank.
+
+    Per block and token: x, the query-side layer norm output, the attention output, the residual
+    sum before the second norm and its output h (5D), the FFN's ReLU output (linear_dim; with
+    dropout also the dropout output, and bool masks of linear_dim + D bytes). Padded (the batch to
+    its longest row): Q, K, V and the attention output (4D per padded token). Quadratic per block,
+    only with the math attention kernel (attention dropout on CPU): the softmax output (H per padded
+    pair) plus its dropout mask and dropped copy; a fused kernel (flash / CPU flash, no attention
+    dropout) keeps only a [B, H, N] logsumexp. Shared: the input dropout's mask and the
+    L2-normalised output and its input (2D per token). Backward's extra at its peak (measured): the
+    gradients of the padded Q, K, V, output (4D per padded token). Checkpointing as for HSTU.
+    """
+    d, b, lin, h = dims.embedding_dim, dtype_bytes, dims.linear_dim, dims.num_heads
+    t, pt, ps = batch.num_tokens, batch.padded_tokens, batch.padded_squares
+    if dims.dropout > 0:
+        per_token = b * (5 * d + 2 * lin) + lin + d
+    else:
+        per_token = b * (5 * d + lin)
+    layer_linear = t * per_token + b * pt * 4 * d
+    quad_entry = 0 if flash else b + ((1 + b) if dims.attn_dropout > 0 else 0)
+    layer_quad = h * ps * quad_entry
+    shared = 8 * t + 2 * b * t * d + (t * d if dims.dropout > 0 else 0)
+    backward_linear = b * pt * 4 * d
+    backward_quad = 0 if flash else b * h * ps
+    if checkpointing:
+        kept = dims.num_blocks * b * t * d + shared
+        return _checkpointed(kept, layer_linear + backward_linear, layer_quad + backward_quad, b * t * d)
+    linear = dims.num_blocks * layer_linear
+    quad = dims.num_blocks * layer_quad + backward_quad
+    return {"activations": linear + shared + backward_linear, "attention": quad}
+
+
+def _checkpointed(kept: int, layer_linear: int, layer_quad: int, grad_td: int) -> dict[str, int]:
+    """Activation terms under checkpointing: what the forward keeps (each layer's input and the
+    shared tensors), and ``recompute``: one layer's working set while backward recomputes it, plus
+    the gradient flowing into and out of it (2 x [T, D]).
+
+    Backward recomputes layers only after the loss's backward has freed the loss buffers, so
+    ``estimate_memory`` counts the larger of ``loss`` and ``recompute`` (the peak is at the end of
+    the forward pass or inside a recomputed layer; measured in benchmarks/memory_bench.py).
+    """
+    return {"activations": kept, "attention": 0, "recompute": layer_linear + layer_quad + 2 * grad_td}
+
+
+# A model family provides its activation term here, keyed by model.name (TIGER adds its own):
+# fn(dims, batch, dtype_bytes, checkpointing, has_timestamps) -> {"activations": bytes kept for
+# backward, linear in the tokens; "attention": the part quadratic in the lengths; with checkpointing
+# also "recompute": one layer's working set in backward (see _checkpointed)}.
+ActivationFn = Callable[..., dict]
+ACTIVATION_MODELS: dict[str, ActivationFn] = {"hstu": hstu_activations, "sasrec": sasrec_activations}
+
+
+# ------------------------------------------------------------------------------------ the total
+
+
+@dataclass
+class MemoryEstimate:
+    """Every term in bytes, their sum and the sum with the allocator margin."""
+
+    terms: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.terms.values())
+
+    @property
+    def margin(self) -> int:
+        return margin_bytes(self.total)
+
+    @property
+    def with_margin(self) -> int:
+        return self.total + self.margin
+
+    def largest_term(self) -> tuple[str, int]:
+        return max(self.terms.items(), key=lambda kv: kv[1])
+
+
+def margin_bytes(total: int) -> int:
+    """The allocator margin added on top of the modelled bytes."""
+    return int(MARGIN_FRACTION * total) + MARGIN_FIXED_BYTES
+
+
+def estimate_memory(
+    cfg,
+    *,
+    world_size: int,
+    local_world_size: int,
+    num_items: int,
+    batch: BatchShape,
+    precision: str = "bf16",
+    checkpointing: bool = False,
+    has_timestamps: bool = False,
+    flash_attention: bool = True,
+) -> MemoryEstimate:
+    """All terms for ``cfg`` (a ``TrainConfig``) on one rank of ``world_size`` with ``batch``."""
+    dims = model_dims(cfg)
+    emb = cfg.embeddings
+    terms = dict(
+        embedding_bytes(
+            num_items + 1, dims.embedding_dim, emb.sharding_type, emb.optimizer, world_size,
+            local_world_size, emb.min_partition,
+        )
+    )  # fmt: skip
+    neg, k = cfg.loss.negatives, cfg.loss.num_negatives
+    terms["lookup"] = lookup_bytes(batch, dims.embedding_dim, neg, k, num_items)
+    terms.update(
+        dense_bytes(
+            dims.num_params(), cfg.zero.stage, world_size, precision, cfg.zero.offload_optimizer,
+            cfg.zero.offload_params, dims.largest_layer_params(), DEEPSPEED_REDUCE_BUCKET,
+        )
+    )  # fmt: skip
+    fn = ACTIVATION_MODELS.get(dims.name)
+    if fn is None:
+        raise ValueError(
+            f"model.name={dims.name!r} has no activation model; register one in cluster.memory.ACTIVATION_MODELS"
+        )
+    kwargs = {"flash": flash_attention} if dims.name == "sasrec" else {}
+    act = dict(fn(dims, batch, DTYPE_BYTES[precision], checkpointing, has_timestamps, **kwargs))
+    recompute = act.pop("recompute", 0)
+    terms.update(act)
+    terms["loss"] = loss_bytes(batch, dims.embedding_dim, neg, k, num_items)
+    if recompute:
+        # Recomputed layers live after the loss buffers are freed; the looked-up rows' gradient
+        # (the unique ids' rows, fp32) lives by then too.
+        unique_grad = unique_rows_grad_bytes(batch, dims.embedding_dim, neg, k, num_items)
+        terms["recompute"] = max(0, recompute + unique_grad - terms["loss"])
+    return MemoryEstimate(terms)
+
+
+def length_stats(lengths: np.ndarray) -> dict[str, float]:
+    """Mean length, mean l^2 and max of a length sample (the planner's view of a data set)."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    return {"mean": float(lengths.mean()), "mean_sq": float((lengths**2).mean()), "max": float(lengths.max())}
+
+
+def fmt_bytes(n: float) -> str:
+    """``1.50 GiB`` / ``12.0 MiB`` / ``512 B``."""
+    if abs(n) >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    if abs(n) >= MiB:
+        return f"{n / MiB:.1f} MiB"
+    return f"{int(n)} B"
+
+
+def parse_bytes(text: str) -> int:
+    """``80GiB``, ``40GB``, ``24G``, ``512MiB`` or a plain number of bytes -> bytes."""
+    s = text.strip().replace(" ", "")
+    units = {"gib": GiB, "gb": 10**9, "g": GiB, "mib": MiB, "mb": 10**6, "m": MiB, "tib": 1024 * GiB}
+    for suffix in sorted(units, key=len, reverse=True):
+        if s.lower().endswith(suffix):
+            try:
+                return int(float(s[: -len(suffix)]) * units[suffix])
+            except ValueError:
+                break
+    try:
+        return int(float(s))
+    except ValueError:
+        raise ValueError(
+            f"memory size {text!r}: expected e.g. 80GiB, 40GB, 24G or a number of bytes"
+        ) from None

@@ -1,0 +1,173 @@
+"""Measure one real training step's memory by term, to validate ``cluster/memory.py``.
+
+``measure_dense_step`` runs the real encoder (``train.models.build_encoder``), the real loss
+(``train/models/losses.py``) and AdamW for one forward/backward/step under PyTorch's
+``MemTracker`` (``torch.distributed._tools.mem_tracker``), which attributes every live tensor to
+parameters, gradients, optimizer state or activations and records the peak. With ``fake=True`` the
+step runs under ``FakeTensorMode``: tensors have shapes and dtypes but no storage, so H100-sized
+steps (tens of GiB) are "measured" on a laptop. The item table is replaced by a leaf tensor holding
+the step's looked-up rows (the sharded table is measured separately, with TorchRec).
+
+On CUDA, ``torch.cuda.max_memory_allocated`` is reported next to the tracker's peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from cluster.memory import ModelDims
+
+
+@dataclass
+class MeasuredStep:
+    """Peak bytes by MemTracker category, and the tracker's peak total."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int  # activations + temporaries (backward's gradients of activations)
+    other: int  # the looked-up embedding rows (tracked as external inputs) and their grads
+    total: int
+    cuda_peak: int | None = None
+
+
+def _model_config(dims: ModelDims):
+    from train.models.config import ModelConfig
+
+    return ModelConfig(
+        name=dims.name, embedding_dim=dims.embedding_dim, num_blocks=dims.num_blocks,
+        num_heads=dims.num_heads, attention_dim=dims.attention_dim, linear_dim=dims.linear_dim,
+        dropout=dims.dropout, attn_dropout=dims.attn_dropout, max_seq_len=dims.max_seq_len,
+        use_position_bias=dims.use_position_bias, use_time_bias=dims.use_time_bias,
+    )  # fmt: skip
+
+
+def checkpoint_layers(encoder: torch.nn.Module) -> None:
+    """Wrap every HSTU layer / SASRec block's jagged forward in ``torch.utils.checkpoint``.
+
+    Activation checkpointing for the schedule's ``checkpointing=True``, without touching the
+    model code: each layer then keeps only its input for backward and recomputes the rest.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    layers = getattr(encoder, "layers", None) or getattr(encoder, "blocks", None)
+    if layers is None:
+        raise ValueError(f"{type(encoder).__name__}: no .layers or .blocks to checkpoint")
+    for layer in layers:
+        inner = layer.forward_jagged
+
+        def wrapped(*args, _inner=inner):
+            return checkpoint(_inner, *args, use_reentrant=False)
+
+        layer.forward_jagged = wrapped
+
+
+@contextlib.contextmanager
+def _host_lengths(lengths: list[int], fake: bool):
+    """Under FakeTensorMode, give HSTU's jagged path the batch's lengths as a real host tensor.
+
+    HSTU reads the lengths on the host (``.tolist()``) to plan its length groups; a fake tensor has
+    no values, so the lengths the caller knows are handed in instead (same values, same plan).
+    """
+    if not fake:
+        yield
+        return
+    import train.models.hstu as hstu
+
+    original = hstu.seq_lengths
+    real = torch.tensor(lengths, dtype=torch.int64)
+    hstu.seq_lengths = lambda offsets: real
+    try:
+        yield
+    finally:
+        hstu.seq_lengths = original
+
+
+def measure_dense_step(
+    dims: ModelDims,
+    lengths: list[int],
+    *,
+    negatives: str = "shared",
+    num_negatives: int = 128,
+    num_items: int = 1000,
+    dtype: torch.dtype = torch.float32,
+    checkpointing: bool = False,
+    fake: bool = False,
+    device: str = "cpu",
+    seed: int = 0,
+) -> MeasuredStep:
+    """One forward/backward/AdamW step of the real encoder + loss on a batch of ``lengths``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from train.models import build_encoder
+    from train.models.losses import full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
+
+    torch.manual_seed(seed)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with _host_lengths(lengths, fake), mode:
+        dev = torch.device(device)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # build in the step's dtype (.to() cannot swap fake parameters)
+        try:
+            encoder = build_encoder(_model_config(dims))
+        finally:
+            torch.set_default_dtype(previous)
+        if dev.type != "cpu":
+            encoder = encoder.to(dev)
+        if checkpointing:
+            checkpoint_layers(encoder)
+        optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-3, foreach=False)
+        num_tokens = sum(lengths)
+        offsets = torch.tensor([0, *itertools.accumulate(lengths)], device=dev)
+        max_len = max(lengths)
+        d = dims.embedding_dim
+        # The lookup's output: what the sharded table hands the dense side (inputs, targets, negatives).
+        num_neg_rows = {"shared": num_negatives, "per_position": num_tokens * num_negatives,
+                        "full": num_items, "in_batch": 0}[negatives]  # fmt: skip
+        rows = torch.randn(2 * num_tokens + num_neg_rows, d, device=dev, requires_grad=True)
+        targets = torch.randint(1, num_items + 1, (num_tokens,), device=dev)
+
+        def step() -> None:
+            seq = rows[:num_tokens].to(dtype)
+            tgt = rows[num_tokens : 2 * num_tokens]
+            neg = rows[2 * num_tokens :]
+            query = encoder(seq, offsets, max_len).float()
+            if negatives == "in_batch":
+                loss, _ = in_batch_softmax_loss(query, tgt, targets, 0.05)
+            elif negatives == "full":
+                loss, _ = full_softmax_loss(query, neg, targets, 0.05)
+            else:
+                if negatives == "per_position":
+                    neg = neg.view(num_tokens, num_negatives, d)
+                    neg_ids = torch.randint(1, num_items + 1, (num_tokens, num_negatives), device=dev)
+                else:
+                    neg_ids = torch.randint(1, num_items + 1, (num_negatives,), device=dev)
+                loss, _ = sampled_softmax_loss(query, tgt, targets, neg, neg_ids, 0.05)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            rows.grad = None
+
+        step()  # warm-up: the optimizer's state exists from the second step on, as in training
+        tracker = MemTracker()
+        tracker.track_external(encoder, optimizer, rows)
+        with tracker:
+            step()
+        peak = tracker.get_tracker_snapshot("peak")
+    snap = next((v for k, v in peak.items() if torch.device(k).type == dev.type), {})
+    get = lambda key: int(snap.get(key, 0))  # noqa: E731
+    cuda_peak = torch.cuda.max_memory_allocated() if (dev.type == "cuda" and not fake) else None
+    return MeasuredStep(
+        params=get("Parameter") + get("Buffer"),
+        grads=get("Gradient"),
+        optimizer=get("Optstate"),
+        activations=get("Activation") + get("Temp"),
+        other=get("Other"),
+        total=get("Total"),
+        cuda_peak=cuda_peak,
+    )

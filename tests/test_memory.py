@@ -1,0 +1,181 @@
+"""The memory model (cluster/memory.py): each term against hand-computed cases, and the activation
+and loss terms against a real step measured with PyTorch's MemTracker."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.memory import (
+    ACTIVATION_MODELS,
+    BatchShape,
+    GiB,
+    ModelDims,
+    dense_bytes,
+    embedding_bytes,
+    estimate_memory,
+    hstu_activations,
+    loss_bytes,
+    model_dims,
+    parse_bytes,
+    stored_width,
+)
+from train.config import load_train_config
+
+
+def test_stored_width_rounds_to_fbgemm_alignment():
+    assert [stored_width(d) for d in (50, 52, 1, 128)] == [52, 52, 4, 128]
+
+
+@pytest.mark.parametrize(
+    "sharding, world, local, rows_cols",
+    [
+        ("row_wise", 4, 4, (251, 52)),  # ceil(1001 / 4) rows, 50 stored as 52
+        ("table_wise", 4, 4, (1001, 52)),  # one rank holds the table
+        ("table_row_wise", 8, 4, (251, 52)),  # rows split over one host's 4 ranks
+        ("data_parallel", 4, 4, (1001, 52)),
+    ],
+)
+def test_embedding_weights_and_optimizer_by_sharding(sharding, world, local, rows_cols):
+    rows, cols = rows_cols
+    out = {
+        opt: embedding_bytes(1001, 50, sharding, opt, world, local)
+        for opt in ("rowwise_adagrad", "adagrad", "sgd", "adam")
+    }
+    assert out["sgd"]["embedding_weights"] == rows * cols * 4
+    assert out["sgd"]["embedding_optimizer"] == 0
+    assert out["rowwise_adagrad"]["embedding_optimizer"] == rows * 4
+    assert out["adagrad"]["embedding_optimizer"] == rows * cols * 4
+    assert out["adam"]["embedding_optimizer"] == 2 * rows * cols * 4
+    expected_grads = rows * cols * 4 if sharding == "data_parallel" else 0
+    assert out["sgd"]["embedding_grads"] == expected_grads
+
+
+def test_column_wise_rowwise_adagrad_keeps_one_row_of_state_per_column_shard():
+    # 256 columns in TorchRec's default 128-wide blocks: 2 shards.
+    one_rank = embedding_bytes(1001, 256, "column_wise", "rowwise_adagrad", 1, 1)
+    assert one_rank["embedding_weights"] == 1001 * 256 * 4
+    assert one_rank["embedding_optimizer"] == 2 * 1001 * 4
+    four_ranks = embedding_bytes(1001, 256, "column_wise", "rowwise_adagrad", 4, 4)
+    assert four_ranks["embedding_weights"] == 1001 * 128 * 4
+    assert four_ranks["embedding_optimizer"] == 1001 * 4
+
+
+def test_dense_bytes_by_zero_stage():
+    p, n = 1000, 4
+
+    def terms(*args, **kw):
+        return dense_bytes(*args, reduce_bucket_elements=50, **kw)
+
+    assert terms(p, 0, n, "fp32") == {"dense_params": 4000, "dense_grads": 4000, "dense_optimizer": 8000,
+                                      "dense_buffers": 0}  # fmt: skip
+    assert terms(p, 0, n, "bf16") == {"dense_params": 2000, "dense_grads": 2000, "dense_optimizer": 12000,
+                                      "dense_buffers": 0}  # fmt: skip
+    # stage 1: optimizer states + fp32 master partitioned (12 x 1000 / 4); an fp32 bucket of 50
+    assert terms(p, 1, n, "bf16") == {"dense_params": 2000, "dense_grads": 2000, "dense_optimizer": 3000,
+                                      "dense_buffers": 200}  # fmt: skip
+    # stage 2: bf16 grads and the fp32 gradient partition split over ranks; two bf16 buckets
+    assert terms(p, 2, n, "bf16") == {"dense_params": 2000, "dense_grads": 1500, "dense_optimizer": 3000,
+                                      "dense_buffers": 200}  # fmt: skip
+    # buckets never exceed the model at stages 1-2
+    assert dense_bytes(p, 2, n, "fp32", reduce_bucket_elements=10**9)["dense_buffers"] == 2 * 4 * p
+    # stage 3: params too, plus the gathered working set of two layers (2 x 100 params x 2 bytes);
+    # the bucket and the flat fp32 gradient partition (4 x 1000 / 4)
+    stage3 = terms(p, 3, n, "bf16", largest_layer_params=100)
+    assert stage3["dense_params"] == 500 + 400 and stage3["dense_buffers"] == 100 + 1000
+    offloaded = terms(p, 3, n, "bf16", True, True, largest_layer_params=100)
+    assert offloaded == {"dense_params": 400, "dense_grads": 500, "dense_optimizer": 0, "dense_buffers": 100}
+    with pytest.raises(ValueError, match="offload_params needs zero_stage=3"):
+        dense_bytes(p, 2, n, "bf16", offload_params=True)
+
+
+def test_hstu_activations_hand_computed():
+    # One layer, D = E = F = 4, one head, one row of 3 tokens, fp32, no dropout.
+    dims = ModelDims("hstu", 4, 1, 1, 4, 4, 8)
+    batch = BatchShape.from_lengths([3], "hstu")
+    assert (batch.num_tokens, batch.padded_tokens, batch.padded_squares, batch.group_squares) == (3, 3, 9, 9)
+    out = hstu_activations(dims, batch, 4, checkpointing=False)
+    per_token = 4 * (2 * 4 + 4 * 4 + 7 * 4)  # 208 bytes
+    layer = 3 * per_token + 4 * 3 * (2 * 4 + 4)  # + padded Q, K, V
+    shared = 12 * 9 + 8 * 3 + 2 * 4 * 3 * 4
+    backward = 4 * 3 * (2 * 4 + 2 * 4)
+    assert out == {"activations": layer + shared + backward, "attention": 9 * 2 * 4 + 4 * 9 // 2}
+
+
+def test_checkpointing_shrinks_with_depth():
+    dims = ModelDims("hstu", 64, 8, 2, 32, 32, 200)
+    batch = BatchShape.bound(4096, 200, "hstu")
+    full = hstu_activations(dims, batch, 2, checkpointing=False)
+    ckpt = hstu_activations(dims, batch, 2, checkpointing=True)
+    assert ckpt["activations"] < full["activations"] / 3
+    assert ckpt["attention"] < full["attention"] / 4
+
+
+def test_loss_bytes_hand_computed():
+    batch = BatchShape(2, 10, 50, 5, 10, 50)
+    assert loss_bytes(batch, 8, "shared", 5, 100) == 13 * 10 * 5
+    assert loss_bytes(batch, 8, "in_batch", 5, 100) == 13 * 10 * 10
+    assert loss_bytes(batch, 8, "full", 5, 100) == 12 * 10 * 100
+    assert loss_bytes(batch, 8, "per_position", 5, 100) == 8 * 10 * 5 + 12 * 10 * 5 * 8
+
+
+@pytest.mark.parametrize("name", ["hstu", "sasrec"])
+def test_num_params_matches_the_real_module(name):
+    from train.models import build_encoder
+    from train.models.config import ModelConfig
+
+    cfg = ModelConfig(name=name, embedding_dim=48, num_blocks=3, num_heads=2, attention_dim=16, linear_dim=40)
+    dims = ModelDims(name, 48, 3, 2, 16, 40, cfg.max_seq_len, use_time_bias=True, num_time_buckets=128)
+    assert dims.num_params() == sum(p.numel() for p in build_encoder(cfg).parameters())
+
+
+def test_model_dims_reads_the_config():
+    cfg = load_train_config("configs/hstu_large_ml1m.yaml")
+    dims = model_dims(cfg)
+    assert (dims.name, dims.embedding_dim, dims.num_blocks) == (
+        "hstu",
+        cfg.model.embedding_dim,
+        cfg.model.num_blocks,
+    )
+    assert set(ACTIVATION_MODELS) >= {"hstu", "sasrec"}
+
+
+def test_estimate_memory_has_every_term():
+    cfg = load_train_config("configs/hstu_ml1m.yaml", ["embeddings.sharding_type=row_wise", "zero.stage=2"])
+    est = estimate_memory(cfg, world_size=8, local_world_size=8, num_items=3706,
+                          batch=BatchShape.bound(4096, 200, "hstu"))  # fmt: skip
+    expected = {"embedding_weights", "embedding_optimizer", "embedding_grads", "lookup", "dense_params",
+                "dense_grads", "dense_optimizer", "dense_buffers", "activations", "attention", "loss"}  # fmt: skip
+    assert set(est.terms) == expected
+    assert est.with_margin > est.total > 0
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * GiB
+    assert parse_bytes("40GB") == 40 * 10**9
+    assert parse_bytes("512MiB") == 512 * 2**20
+    with pytest.raises(ValueError, match="expected e.g. 80GiB"):
+        parse_bytes("lots")
+
+
+@pytest.mark.parametrize(
+    "name, lengths, negatives",
+    [
+        ("hstu", [200] * 12 + [40] * 30, "shared"),  # attention-heavy
+        ("hstu", [12] * 200, "full"),  # linear-heavy, full softmax
+        ("sasrec", [60] * 40, "in_batch"),
+    ],
+)
+def test_activation_and_loss_terms_match_memtracker(name, lengths, negatives):
+    """Predicted activations + attention + loss within 10% of MemTracker's measured peak activations."""
+    from cluster.memory_measure import measure_dense_step
+
+    dims = ModelDims(name, 32, 2, 2, 16, 16, 256)
+    measured = measure_dense_step(dims, lengths, negatives=negatives, num_negatives=64, num_items=500)
+    batch = BatchShape.from_lengths(lengths, name)
+    act = ACTIVATION_MODELS[name](dims, batch, 4, False)
+    predicted = act["activations"] + act["attention"] + loss_bytes(batch, 32, negatives, 64, 500)
+    assert abs(predicted - measured.activations) / measured.activations < 0.10, (predicted, measured)
+    # The persistent dense state: fp32 params and AdamW's two moments (+ step counters).
+    dense = dense_bytes(dims.num_params(), 0, 1, "fp32")
+    assert abs(measured.params - dense["dense_params"]) / dense["dense_params"] < 0.05
+    assert abs(measured.optimizer - dense["dense_optimizer"]) / dense["dense_optimizer"] < 0.05
