@@ -136,18 +136,22 @@ class ModelDims:
 def model_dims(cfg) -> ModelDims:
     """``TrainConfig`` -> ``ModelDims``. The only function that reads ``cfg.model``.
 
-    Today the model section is flat (``model.embedding_dim``); when it moves to per-family sections
-    (``model.name: hstu`` + ``model.hstu.embedding_dim``), only this function changes.
+    ``cfg.model`` is the family's own dataclass (``HSTUConfig`` or ``SASRecConfig``; SASRec's
+    feed-forward width ``ffn_dim`` plays the role of ``linear_dim``). TIGER has no memory terms yet.
     """
     m = cfg.model
-    section = getattr(m, m.name, m)  # per-family section if present, else the flat one
+    if m.name not in ("hstu", "sasrec"):
+        raise ValueError(
+            f"the memory model covers model.name=hstu and sasrec; {m.name} has no terms yet (plan its batch by hand)"
+        )
+    section = m
     return ModelDims(
         name=m.name,
         embedding_dim=section.embedding_dim,
         num_blocks=section.num_blocks,
         num_heads=section.num_heads,
         attention_dim=getattr(section, "attention_dim", section.embedding_dim),
-        linear_dim=section.linear_dim,
+        linear_dim=section.linear_dim if m.name == "hstu" else section.ffn_dim,
         max_seq_len=section.max_seq_len,
         dropout=getattr(section, "dropout", 0.0),
         attn_dropout=getattr(section, "attn_dropout", 0.0),

@@ -38,11 +38,15 @@ class MeasuredStep:
 def _model_config(dims: ModelDims):
     from train.models.config import ModelConfig
 
-    return ModelConfig(
-        name=dims.name, embedding_dim=dims.embedding_dim, num_blocks=dims.num_blocks,
-        num_heads=dims.num_heads, attention_dim=dims.attention_dim, linear_dim=dims.linear_dim,
+    shared = dict(
+        embedding_dim=dims.embedding_dim, num_blocks=dims.num_blocks, num_heads=dims.num_heads,
         dropout=dims.dropout, attn_dropout=dims.attn_dropout, max_seq_len=dims.max_seq_len,
-        use_position_bias=dims.use_position_bias, use_time_bias=dims.use_time_bias,
+    )  # fmt: skip
+    if dims.name == "sasrec":
+        return ModelConfig(name="sasrec", ffn_dim=dims.linear_dim, **shared)
+    return ModelConfig(
+        name="hstu", attention_dim=dims.attention_dim, linear_dim=dims.linear_dim,
+        use_position_bias=dims.use_position_bias, use_time_bias=dims.use_time_bias, **shared,
     )  # fmt: skip
 
 

@@ -123,7 +123,11 @@ def test_num_params_matches_the_real_module(name):
     from train.models import build_encoder
     from train.models.config import ModelConfig
 
-    cfg = ModelConfig(name=name, embedding_dim=48, num_blocks=3, num_heads=2, attention_dim=16, linear_dim=40)
+    shared = dict(embedding_dim=48, num_blocks=3, num_heads=2)
+    if name == "hstu":
+        cfg = ModelConfig(name=name, attention_dim=16, linear_dim=40, **shared)
+    else:  # SASRec: d_qk is the model width; ffn_dim is the feed-forward width
+        cfg = ModelConfig(name=name, ffn_dim=40, **shared)
     dims = ModelDims(name, 48, 3, 2, 16, 40, cfg.max_seq_len, use_time_bias=True, num_time_buckets=128)
     assert dims.num_params() == sum(p.numel() for p in build_encoder(cfg).parameters())
 

@@ -88,7 +88,10 @@ class Trainer:
         self.train_data = SequenceDataset(
             cfg.data.dir, train_split, cfg.data.batch_size // info.world_size, rank=info.rank,
             world_size=info.world_size, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
-            seed=cfg.run.seed, partition=cfg.data.partition,
+            seed=cfg.run.seed, partition=cfg.data.partition, batching=cfg.data.batching,
+            max_tokens_per_rank=cfg.data.max_tokens_per_rank,
+            max_attention_cost_per_rank=cfg.data.max_attention_cost_per_rank,
+            max_row_len=self.task.max_seq_len + 1,
         )  # fmt: skip
         local_batches = self.train_data.num_batches_for_rank()
         self.steps_per_epoch = int(self._all_reduce(torch.tensor([local_batches]), dist.ReduceOp.MIN).item())
