@@ -57,6 +57,44 @@ TINY_MODEL = [
 ]  # fmt: skip
 
 
+# TIGER at test size: the paper's architecture, 1+1 layers of width 32, on random 3+1-level semantic IDs.
+TINY_TIGER = [
+    "model.name=tiger", "model.d_model=32", "model.num_encoder_layers=1", "model.num_decoder_layers=1",
+    "model.num_heads=2", "model.head_dim=16", "model.d_ff=64", "model.dropout=0.0", "model.num_user_buckets=50",
+    "model.max_history_items=8", "model.beam_size=10", "eval.hr_at=[1,5,10]", "eval.ndcg_at=[5,10]",
+    "data.batch_size=32", "data.eval_batch_size=64", "run.log_every_steps=1", "run.progress_bar=off",
+    "tracking.enabled=false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def synthetic_semantic_ids(synthetic_data, tmp_path_factory) -> Path:
+    """Random unique semantic IDs (3 levels of 8 codes + a collision token) for the synthetic items."""
+    import pyarrow.parquet as pq
+
+    from data_pipeline.semantic_ids.table import random_semantic_ids, write_semantic_ids
+
+    raw_ids = pq.read_table(synthetic_data / "vocab" / "items.parquet").column("raw_id").to_pylist()
+    out = tmp_path_factory.mktemp("semantic_ids")
+    write_semantic_ids(out, random_semantic_ids(raw_ids, num_levels=3, codebook_size=8, seed=0))
+    return out
+
+
+@pytest.fixture(scope="session")
+def family_args(synthetic_data, synthetic_semantic_ids):
+    """``family_args(family)``: the data and tiny-model overrides of a model family's test runs."""
+
+    def get(family: str = "hstu") -> list[str]:
+        model = (
+            TINY_MODEL
+            if family == "hstu"
+            else [*TINY_TIGER, f"model.semantic_ids_dir={synthetic_semantic_ids}"]
+        )
+        return [f"data.dir={synthetic_data}", *model]
+
+    return get
+
+
 class TrainRun:
     """The outputs of one finished ``python -m train`` run."""
 
@@ -112,16 +150,16 @@ def run_train(args: list[str], output_dir: Path, nproc: int = 1, check: bool = T
 
 
 @pytest.fixture(scope="session")
-def train_runs(tmp_path_factory, synthetic_data):
-    """``train_runs(args, nproc)`` -> ``TrainRun``, cached per (args, nproc) for the session."""
+def train_runs(tmp_path_factory, family_args):
+    """``train_runs(args, nproc, family)`` -> ``TrainRun``, cached per (args, nproc, family) for the session."""
     cache: dict[tuple, TrainRun] = {}
     base = tmp_path_factory.mktemp("train_runs")
 
-    def get(args: list[str], nproc: int = 1) -> TrainRun:
-        key = (tuple(args), nproc)
+    def get(args: list[str], nproc: int = 1, family: str = "hstu") -> TrainRun:
+        key = (tuple(args), nproc, family)
         if key not in cache:
             out = base / f"run{len(cache)}"
-            full = [f"data.dir={synthetic_data}", *TINY_MODEL, *args]
+            full = [*family_args(family), *args]
             cache[key] = TrainRun(out, run_train(full, out, nproc))
         return cache[key]
 

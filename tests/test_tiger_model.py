@@ -92,11 +92,11 @@ def _search(model, embedding, vocab, enc_ids, enc_mask, trie, beam, constrained=
 
 def test_config_validation_names_the_key():
     TigerConfig().validate()
-    with pytest.raises(ConfigError, match="model.tiger.num_heads"):
+    with pytest.raises(ConfigError, match="model.num_heads"):
         TigerConfig(num_heads=0).validate()
-    with pytest.raises(ConfigError, match="model.tiger.dropout"):
+    with pytest.raises(ConfigError, match="model.dropout"):
         TigerConfig(dropout=1.0).validate()
-    with pytest.raises(ConfigError, match="model.tiger.relative_num_buckets"):
+    with pytest.raises(ConfigError, match="model.relative_num_buckets"):
         TigerConfig(relative_num_buckets=7).validate()
 
 

@@ -39,7 +39,6 @@ SCHEDULE = dict(warmup=3, decay="linear", decay_fraction=0.5, floor=0.2)
 SHARDED_EXACT = [
     *EXACT,
     "embeddings.optimizer=adagrad",
-    f"model.embedding_dim={ODD_WIDTH}",
     f"optim.warmup_steps={SCHEDULE['warmup']}",
     f"optim.decay={SCHEDULE['decay']}",
     f"optim.decay_fraction={SCHEDULE['decay_fraction']}",
@@ -48,24 +47,36 @@ SHARDED_EXACT = [
 ]
 
 
-def sharded_run(train_runs, sharding: str):
+# The model-family overrides of the runs above: HSTU at the odd width; TIGER's width is d_model (32).
+WIDTH = {"hstu": [f"model.embedding_dim={ODD_WIDTH}"], "tiger": []}
+
+
+def sharded_run(train_runs, sharding: str, family: str = "hstu"):
     """The 2-process run of ``SHARDED_EXACT`` with the table sharded as ``sharding`` (cached)."""
     # 4-column shards: 13 of them over the 2 ranks, the last one holding 2 real and 2 padding columns.
     extra = ["embeddings.min_partition=4"] if sharding == "column_wise" else []
-    return train_runs([*SHARDED_EXACT, f"embeddings.sharding_type={sharding}", *extra], nproc=2)
+    args = [*SHARDED_EXACT, *WIDTH[family], f"embeddings.sharding_type={sharding}", *extra]
+    return train_runs(args, nproc=2, family=family)
 
 
-def single_run(train_runs):
+def single_run(train_runs, family: str = "hstu"):
     """The 1-process run of ``SHARDED_EXACT`` the sharded runs are compared with (cached)."""
-    return train_runs([*SHARDED_EXACT, "embeddings.sharding_type=table_wise"], nproc=1)
+    return train_runs(
+        [*SHARDED_EXACT, *WIDTH[family], "embeddings.sharding_type=table_wise"], nproc=1, family=family
+    )
 
 
 # table_row_wise is not here: TorchRec's EmbeddingCollection sharder does not offer it (see
-# tests/test_embeddings.py::test_table_row_wise_is_refused_naming_the_key).
-@pytest.mark.parametrize("sharding", ["row_wise", "table_wise", "column_wise", "data_parallel"])
-def test_sharded_equals_single_process(train_runs, sharding):
-    single = single_run(train_runs)
-    sharded = sharded_run(train_runs, sharding)
+# tests/test_embeddings.py::test_table_row_wise_is_refused_naming_the_key). TIGER goes through the
+# same test via the task interface, on the sharding that splits its token table over both ranks.
+@pytest.mark.parametrize(
+    ("family", "sharding"),
+    [("hstu", "row_wise"), ("hstu", "table_wise"), ("hstu", "column_wise"), ("hstu", "data_parallel"),
+     ("tiger", "row_wise")],
+)  # fmt: skip
+def test_sharded_equals_single_process(train_runs, family, sharding):
+    single = single_run(train_runs, family)
+    sharded = sharded_run(train_runs, sharding, family)
     plan = (sharded.output_dir / "sharding_plan.txt").read_text()
     assert sharding in plan
     if sharding in ("row_wise", "column_wise"):  # these really split the table over both ranks
@@ -75,9 +86,13 @@ def test_sharded_equals_single_process(train_runs, sharding):
     # 6e-7 relative, metrics within 2e-16, the same in every session (the runs are deterministic).
     # A metric counts users (1/400 each), so a failure here is a user whose target moved across a
     # rank cut-off: a real difference, or a near-tie of two scores within the float noise.
+    # TIGER ranks by beam search, whose pruning turns a float-noise difference of two beams' scores
+    # into a different list: measured, 1 of the 400 users' hr@5 moved (0.3075 vs 0.3100). Two users
+    # of slack (0.005) there; a systematic difference would move many.
+    tol = 1e-6 if family == "hstu" else 2 / 400 + 1e-9
     for split in ("valid", "test"):
         for key, value in single.final[split].items():
-            assert sharded.final[split][key] == pytest.approx(value, abs=1e-6), (split, key)
+            assert sharded.final[split][key] == pytest.approx(value, abs=tol), (split, key)
 
 
 def stored_table(checkpoint, tmp_path) -> torch.Tensor:
@@ -86,7 +101,8 @@ def stored_table(checkpoint, tmp_path) -> torch.Tensor:
 
     path = tmp_path / f"{checkpoint.parent.parent.name}_{checkpoint.name}.pt"
     dcp_to_torch_save(checkpoint / "sparse", path)
-    return torch.load(path, weights_only=False)["model"]["embeddings.item_table.weight"]
+    state = torch.load(path, weights_only=False)
+    return state["item_table"]["model"]["embeddings.item_table.weight"]  # tables are saved by name
 
 
 @pytest.mark.parametrize("sharding", ["row_wise", "column_wise"])
@@ -143,10 +159,11 @@ def test_data_parallel_adam_table_resumes_exactly(train_runs, synthetic_data, tm
     assert resumed["test"] == full.final["test"]
 
 
-def test_zero_stages_give_the_same_trajectory(train_runs):
-    base = train_runs([*EXACT, "zero.stage=0"], nproc=2)
-    for stage in (1, 2, 3):
-        other = train_runs([*EXACT, f"zero.stage={stage}"], nproc=2)
+@pytest.mark.parametrize(("family", "stages"), [("hstu", (1, 2, 3)), ("tiger", (3,))])
+def test_zero_stages_give_the_same_trajectory(train_runs, family, stages):
+    base = train_runs([*EXACT, "zero.stage=0"], nproc=2, family=family)
+    for stage in stages:
+        other = train_runs([*EXACT, f"zero.stage={stage}"], nproc=2, family=family)
         assert_same_losses(base.losses, other.losses)
         # The test model is the best-valid checkpoint, reloaded (also under ZeRO-3's partitioned
         # weights): its valid metrics are the ones recorded when it was the current model.
@@ -179,7 +196,8 @@ def test_bf16_tracks_the_fp32_trajectory(train_runs):
     assert max(abs(bf16.losses[s] / fp32.losses[s] - 1) for s in steps) > 1e-5
 
 
-def test_killed_and_resumed_equals_uninterrupted(train_runs, synthetic_data, tmp_path):
+@pytest.mark.parametrize("family", ["hstu", "tiger"])
+def test_killed_and_resumed_equals_uninterrupted(train_runs, family_args, family, tmp_path):
     # Warmup, a flat stretch, then cosine decay over the second half: the run resumes at step 5 (flat)
     # and must continue the schedule into the decay, on the table too.
     schedule = [
@@ -189,11 +207,11 @@ def test_killed_and_resumed_equals_uninterrupted(train_runs, synthetic_data, tmp
         "optim.min_lr_ratio=0.1",
     ]
     args = [*EXACT, "zero.stage=2", "run.checkpoint_every_steps=5", *schedule]
-    full = train_runs(args, nproc=2)
+    full = train_runs(args, nproc=2, family=family)
     assert_lr_follows_the_schedule(full.output_dir / "metrics.jsonl", warmup=4, decay_fraction=0.5, floor=0.1)
     total = max(full.losses)
     out = tmp_path / "resumed"
-    common = [f"data.dir={synthetic_data}", *TINY_MODEL, *args]
+    common = [*family_args(family), *args]
     # Stop after step 7, then make it look like a crash during the step-7 save: the complete step-7
     # checkpoint is replaced by a half-written temporary directory. Resume must use step 5.
     run_train([*common, "run.max_steps=7"], out, nproc=2)

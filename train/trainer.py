@@ -281,8 +281,9 @@ class Trainer:
         metrics = {
             "train/loss": loss_sum / max(1.0, positions),
             "train/lr": self.engine.get_lr()[0],
+            # train/table_lr for a task's one table (as the README says), train/<name>_lr for several.
             **{
-                f"train/{n}_lr" if n != "item_table" else "train/table_lr": t.lr
+                "train/table_lr" if len(self.tables) == 1 else f"train/{n}_lr": t.lr
                 for n, t in self.tables.items()
             },
             "train/tokens_per_s": tokens / max(seconds, 1e-9),
