@@ -100,11 +100,17 @@ def raw_item_ids(data_dir: Path, num_items: int) -> np.ndarray:
 def assign_ids(cfg: SemanticIdConfig) -> dict[str, Any]:
     """Run the assign stage; returns its metrics (and writes the table)."""
     from data_pipeline.semantic_ids.table import SemanticIdTable, add_collision_token, write_semantic_ids
-
     from train.tracking import make_tracker
 
     t0 = time.perf_counter()
     out = Path(cfg.output_dir).resolve()
+    table_manifest = out / TABLE_DIR / "manifest.json"
+    if table_manifest.is_file():
+        if not cfg.overwrite:
+            raise ValueError(
+                f"{out / TABLE_DIR} already holds semantic ids; pass overwrite=true to replace them"
+            )
+        table_manifest.unlink()  # first: a half-replaced table must not look complete
     files, emb_manifest = embedding_files(out)
     num_items = int(emb_manifest["num_items"])
     item_ids = raw_item_ids(Path(cfg.data_dir).resolve(), num_items)

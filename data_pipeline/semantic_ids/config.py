@@ -45,7 +45,8 @@ class EmbedConfig:
     num_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
-    # Read blocks of the metadata; None = Ray's choice. Results do not depend on it.
+    # Read blocks (runs of consecutive row groups) of the metadata; None = one per 65,536 items, at most
+    # one per row group. The vectors do not depend on it.
     num_blocks: int | None = None
     # Output files hold at most this many items; row groups this many.
     rows_per_file: int = 1_000_000

