@@ -348,3 +348,43 @@ def test_amazon_beauty_attributes_are_read():
         os.chdir(cwd)
     assert len(meta) == 12101
     assert meta["4"]["categories"] == ["COKA", "Makeup", "Face"]
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP training under torchrun, tracked in a real MLflow store
+
+
+@pytest.mark.distributed
+def test_ddp_training_under_torchrun_logs_to_mlflow(rq_runs):
+    from mlflow import MlflowClient
+
+    tmp = rq_runs["tmp"]
+    out = tmp / "ddp"
+    write_embeddings(out, [_mixture()], model="synthetic", row_group_size=512)
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    common = [f"output_dir={out}", f"data_dir={tmp / 'prepared'}", f"tracking.tracking_uri={uri}",
+              "tracking.system_metrics=false", *SMALL_MODEL, "rqvae.batch_size=128"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    train = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "data_pipeline", "semantic-ids", "stages=[train]", *common],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    assign = subprocess.run(
+        [sys.executable, "-m", "data_pipeline", "semantic-ids", "stages=[assign]", *common],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )  # fmt: skip
+    assert assign.returncode == 0, assign.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "rqvae" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["train/replica_max_abs_diff"] == 0.0  # the two replicas ended identical
+    m = _manifest(out)
+    assert min(m[f"usage_l{lv}"] for lv in range(3)) >= MIN_USAGE, m
+    assert m["recon_mse"] < MAX_RECON_SHARE * float(_mixture().var())
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("semantic-ids").experiment_id])
+    assert run.data.tags["world_size"] == "2"
+    # One run holds the training curve and the assignment's numbers (read back from the store).
+    assert len(client.get_metric_history(run.info.run_id, "train/usage_l0")) == 10  # every 50 of 500 steps
+    assert run.data.metrics["assign/collision_rate"] == pytest.approx(m["collision_rate"])
+    assert run.data.metrics["assign/perplexity_l2"] == pytest.approx(m["perplexity_l2"])

@@ -45,8 +45,8 @@ class EmbedConfig:
     num_actors: int = 1
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
-    # Read blocks (runs of consecutive row groups) of the metadata; None = one per 65,536 items, at most
-    # one per row group. The vectors do not depend on it.
+    # Read blocks (runs of consecutive row groups) of the metadata; None = one per 65,536 items but at
+    # least 4 per actor, at most one per row group. The vectors do not depend on it.
     num_blocks: int | None = None
     # Output files hold at most this many items; row groups this many.
     rows_per_file: int = 1_000_000
@@ -165,6 +165,13 @@ class AssignConfig:
 
 
 @dataclass
+class SemanticIdTrackingConfig(TrackingConfig):
+    """The trainer's tracking section, with this job's own default experiment name."""
+
+    experiment: str = "semantic-ids"
+
+
+@dataclass
 class SemanticIdConfig:
     """The whole ``semantic-ids`` job."""
 
@@ -182,7 +189,7 @@ class SemanticIdConfig:
     rqvae: RqVaeConfig = field(default_factory=RqVaeConfig)
     assign: AssignConfig = field(default_factory=AssignConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="semantic-ids"))
+    tracking: SemanticIdTrackingConfig = field(default_factory=SemanticIdTrackingConfig)
 
     def validate(self) -> None:
         """Check values a type cannot express; raises ``ConfigError`` naming the key."""

@@ -252,7 +252,9 @@ def embed_items(cfg: SemanticIdConfig) -> dict[str, Any]:
         ctx.execution_options.preserve_order = True  # rows come back in dense-id order
         meta_path = data_dir / "items" / "metadata.parquet"
         num_groups = pq.ParquetFile(meta_path).metadata.num_row_groups
-        num_blocks = min(num_groups, ecfg.num_blocks or max(1, -(-num_items // ROWS_PER_READ_BLOCK)))
+        # Default: blocks of <= ROWS_PER_READ_BLOCK rows, and at least 4 per actor so none idles.
+        default_blocks = max(4 * ecfg.num_actors, -(-num_items // ROWS_PER_READ_BLOCK))
+        num_blocks = max(1, min(num_groups, ecfg.num_blocks or default_blocks))
         # One read per block of consecutive row groups (not read_parquet: it reads a single file as one
         # task, whatever the block count asked for), so embed.num_blocks really sets the partitioning.
         ds = ray.data.from_items(

@@ -292,6 +292,19 @@ def train_rqvae(cfg: SemanticIdConfig) -> dict[str, Any]:
                 num_in_window, t0 = 0, time.perf_counter()
             if step % r.checkpoint_every_steps == 0 and step < r.num_steps and rank == 0:
                 checkpoints.save(step, model, optimizer)
+        if world_size > 1:
+            # Restarts and k-means are broadcast and DDP averages gradients, so the replicas must agree.
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
+            gathered = [torch.empty_like(flat) for _ in range(world_size)]
+            dist.all_gather(gathered, flat)
+            metrics["train/replica_max_abs_diff"] = max(
+                float((g - gathered[0]).abs().max()) for g in gathered
+            )
+            tracker.log_metrics(
+                {"train/replica_max_abs_diff": metrics["train/replica_max_abs_diff"]}, r.num_steps
+            )
+            if metrics_file is not None:
+                metrics_file.write(json.dumps({"step": r.num_steps, **metrics}) + "\n")
         if metrics_file is not None:
             metrics_file.close()
         if rank == 0:
