@@ -101,7 +101,8 @@ def run_step(step: str, work: Path, steps: int) -> dict:
         from data_pipeline.semantic_ids.assign import assign_ids
 
         m = assign_ids(cfg)
-        extra = {"collision_rate": m["assign/collision_rate"], "usage_l0": m["assign/usage_l0"]}
+        extra = {"collision_rate": m["assign/collision_rate"], "usage_l0": m["assign/usage_l0"],
+                 "encode_s": m["assign/seconds_encode"]}  # fmt: skip
     elif step == "assign_in_memory":
         import pyarrow.parquet as pq
 

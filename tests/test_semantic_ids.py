@@ -388,3 +388,25 @@ def test_ddp_training_under_torchrun_logs_to_mlflow(rq_runs):
     assert len(client.get_metric_history(run.info.run_id, "train/usage_l0")) == 10  # every 50 of 500 steps
     assert run.data.metrics["assign/collision_rate"] == pytest.approx(m["collision_rate"])
     assert run.data.metrics["assign/perplexity_l2"] == pytest.approx(m["perplexity_l2"])
+
+
+def test_training_resumes_from_the_newest_complete_checkpoint(rq_runs):
+    from data_pipeline.semantic_ids.job import run
+    from data_pipeline.semantic_ids.train_rqvae import load_model
+
+    tmp = rq_runs["tmp"]
+    steps = ["rqvae.num_steps=60", "rqvae.checkpoint_every_steps=25", "rqvae.log_every_steps=10"]
+    out = _run(tmp, "resume", steps, stages="[train]")
+    ckpts = out / "rqvae" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000025", "step_00000050"]
+    # A run killed after its step-50 checkpoint, with a half-written later one left behind.
+    (out / "rqvae" / "model.pt").unlink()
+    (ckpts / ".tmp_step_00000055").mkdir()
+    cfg = load_config(SemanticIdConfig, None, [f"output_dir={out}", "stages=[train]", "tracking.enabled=false",
+                                               *SMALL_MODEL, *steps])  # fmt: skip
+    run(cfg)
+    logged = [json.loads(line)["step"] for line in (out / "rqvae" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [10, 20, 30, 40, 50, 60, 60]  # the resumed run trained steps 51..60 only
+    assert load_model(out / "rqvae" / "model.pt").quantizer.initialized
+    with pytest.raises(ValueError, match="overwrite=true"):
+        run(cfg)  # a finished training is not silently replaced

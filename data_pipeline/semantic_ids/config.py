@@ -157,11 +157,14 @@ class AssignConfig:
 
     # Embedding rows encoded at a time.
     batch_size: int = 65536
+    # assign/recon is measured on the first this many items (decoding all would double the cost).
+    recon_rows: int = 262144
 
     def validate(self) -> None:
         """Check values a type cannot express; raises ``ConfigError`` naming the key."""
-        if self.batch_size < 1:
-            raise ConfigError("assign.batch_size", f"got {self.batch_size}, expected >= 1")
+        for key in ("batch_size", "recon_rows"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"assign.{key}", f"got {getattr(self, key)}, expected >= 1")
 
 
 @dataclass

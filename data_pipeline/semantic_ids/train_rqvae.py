@@ -190,10 +190,15 @@ def train_rqvae(cfg: SemanticIdConfig) -> dict[str, Any]:
     run_dir = out / RQVAE_DIR
     files, emb_manifest = embedding_files(out)
     shape = model_shape(cfg, int(emb_manifest["dim"]))
-    if (run_dir / MODEL_FILE).is_file() and not cfg.overwrite and r.resume == "auto":
+    if (run_dir / MODEL_FILE).is_file() and not cfg.overwrite:
         raise ValueError(
             f"{run_dir / MODEL_FILE} exists (a finished training); pass overwrite=true to train again"
         )
+    if cfg.overwrite and rank == 0 and run_dir.exists():
+        # A fresh training: drop the old model, checkpoints, curve and MLflow run link.
+        shutil.rmtree(run_dir)
+    if world_size > 1:
+        dist.barrier()
     torch.manual_seed(cfg.seed)
     model = RqVae(shape, beta=r.beta, gradient=r.gradient).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=r.weight_decay)
@@ -202,12 +207,11 @@ def train_rqvae(cfg: SemanticIdConfig) -> dict[str, Any]:
     latest = checkpoints.latest() if r.resume == "auto" else None
     if latest is not None:
         blob = torch.load(latest / MODEL_FILE, map_location=device, weights_only=False)
-        if blob["shape"] != vars(shape) and {
-            **blob["shape"],
-            "hidden_dims": tuple(blob["shape"]["hidden_dims"]),
-        } != vars(shape):
+        saved = {**blob["shape"], "hidden_dims": tuple(blob["shape"]["hidden_dims"])}
+        if saved != vars(shape):
             raise ValueError(
-                f"checkpoint {latest} has shape {blob['shape']}, this config {vars(shape)}; use rqvae.resume=never"
+                f"checkpoint {latest} is of another model ({saved}; this config: {vars(shape)}); "
+                "set rqvae.resume=never or overwrite=true"
             )
         model.load_state_dict(blob["state_dict"])
         optimizer.load_state_dict(torch.load(latest / "optim.pt", map_location=device, weights_only=False))
