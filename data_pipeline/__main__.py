@@ -3,6 +3,7 @@
     python -m data_pipeline prepare  --config configs/data/ml100k.yaml [key=value ...]
     python -m data_pipeline generate [num_users=... output_dir=... key=value ...]
     python -m data_pipeline download ml-100k --dest data/raw
+    python -m data_pipeline semantic-ids --config configs/data/beauty_semantic_ids.yaml [stages=[embed] ...]
     python -m data_pipeline semantic-ids-reference --input REF.json --output DIR [--prepared DIR]
 
 ``prepare`` runs on an embedded local Ray by default; ``ray.address=auto`` (or an address) joins a
@@ -19,6 +20,7 @@ COMMANDS = {
     "prepare": "data_pipeline.prepare",
     "generate": "data_pipeline.synthetic",
     "download": "data_pipeline.download",
+    "semantic-ids": "data_pipeline.semantic_ids.job",
     "semantic-ids-reference": "data_pipeline.semantic_ids.reference",
 }
 

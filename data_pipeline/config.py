@@ -65,6 +65,10 @@ class InputConfig:
     # Added to integer keys of the metadata before matching raw item ids (Yelp items.json is keyed by
     # item id minus 1, so it needs 1).
     item_metadata_key_offset: int = 0
+    # For metadata that maps items to attribute ids (S3-Rec Amazon ``item_attributes.json``: item id ->
+    # [attribute id, ...]): a JSON file with ``id2attribute`` (``datamaps.json``) that names them. The
+    # names become the item's categories (the file does not say which attribute is the brand).
+    item_metadata_attribute_names: str | None = None
 
     def validate(self) -> None:
         """Check values a type cannot express; raises ``ConfigError`` naming the key."""
@@ -89,6 +93,11 @@ class InputConfig:
                     )
         if self.delimiter is not None and (self.delimiter == "" or "\n" in self.delimiter):
             raise ConfigError("input.delimiter", f"got {self.delimiter!r}, expected a non-empty separator")
+        if self.item_metadata_attribute_names is not None and self.item_metadata is None:
+            raise ConfigError(
+                "input.item_metadata_attribute_names",
+                "only applies with input.item_metadata (the attribute ids)",
+            )
         if self.num_columns is not None and self.num_columns < 1:
             raise ConfigError("input.num_columns", f"got {self.num_columns}, expected >= 1")
         if self.timestamp_format not in ("unix", "unix_ms") and "%" not in self.timestamp_format:

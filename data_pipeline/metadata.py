@@ -7,6 +7,9 @@ Read in the driver: one record per item, small next to the interaction log. Acce
 * JSON lines / a JSON list of records with an id field (``input.item_metadata_id_field``, default
   the first of item, item_id, asin, id, movieId); Python-literal lines (old Amazon ``meta_*.json``)
   are accepted too;
+* JSON mapping ``{raw_id: [attribute id, ...]}`` (S3-Rec Amazon ``item_attributes.json``) with
+  ``input.item_metadata_attribute_names`` naming a JSON file whose ``id2attribute`` maps the ids to
+  names (``datamaps.json``): the names, in the file's order, become ``categories``;
 * CSV with a header and an id column;
 * MovieLens ``u.item``, ``movies.dat``, ``movies.csv`` (title; genres become categories).
 
@@ -126,7 +129,46 @@ def _id_field(record: dict[str, Any], configured: str | None, path: str) -> str:
     )
 
 
-def _records(path: str, text: str, id_field: str | None) -> dict[str, dict[str, Any]]:
+def _attribute_names(path: str | None, metadata_path: str) -> dict[str, str]:
+    if path is None:
+        raise ValueError(
+            f"item metadata '{metadata_path}' maps items to lists of attribute ids; set "
+            "input.item_metadata_attribute_names to the JSON file whose id2attribute names them (datamaps.json)"
+        )
+    if not os.path.isfile(path):
+        raise ValueError(f"input.item_metadata_attribute_names: file '{path}' does not exist")
+    try:
+        names = json.loads(_read_text(path)).get("id2attribute")
+    except (ValueError, AttributeError):
+        names = None
+    if not isinstance(names, dict):
+        raise ValueError(
+            f"input.item_metadata_attribute_names: '{path}' is not a JSON object with an id2attribute mapping"
+        )
+    return {str(k): str(v) for k, v in names.items()}
+
+
+def _attribute_records(
+    path: str, parsed: dict[str, list[Any]], names_path: str | None
+) -> dict[str, dict[str, Any]]:
+    names = _attribute_names(names_path, path)
+    out = {}
+    for key, ids in parsed.items():
+        cats = []
+        for a in ids:
+            if str(a) not in names:
+                raise ValueError(
+                    f"item metadata '{path}': item {key!r} has attribute id {a!r}, which id2attribute in "
+                    f"'{names_path}' does not name; use the attribute file of the same data set"
+                )
+            cats.append(names[str(a)])
+        out[str(key)] = {"title": None, "brand": None, "categories": cats, "description": None}
+    return out
+
+
+def _records(
+    path: str, text: str, id_field: str | None, attribute_names: str | None = None
+) -> dict[str, dict[str, Any]]:
     base = path.removesuffix(".gz")
     if base.endswith(".csv"):
         rows = list(csv.DictReader(io.StringIO(text)))
@@ -142,6 +184,8 @@ def _records(path: str, text: str, id_field: str | None) -> dict[str, dict[str, 
         except ValueError:
             parsed = None  # JSON lines
     if isinstance(parsed, dict):
+        if parsed and all(isinstance(v, list) for v in parsed.values()):
+            return _attribute_records(path, parsed, attribute_names)
         return {str(k): _record(v) for k, v in parsed.items() if isinstance(v, dict)}
     if isinstance(parsed, list):
         records = [r for r in parsed if isinstance(r, dict)]
@@ -178,7 +222,7 @@ def read_item_metadata(cfg: InputConfig) -> dict[str, dict[str, Any]]:
     text = _read_text(path)
     out = _movielens(path, text)
     if out is None:
-        out = _records(path, text, cfg.item_metadata_id_field)
+        out = _records(path, text, cfg.item_metadata_id_field, cfg.item_metadata_attribute_names)
     if cfg.item_metadata_key_offset:
         shifted = {}
         for key, value in out.items():

@@ -503,7 +503,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(cfg.output.dir)
     sources = resolve_sources(cfg.input)
-    meta_path = [cfg.input.item_metadata] if cfg.input.item_metadata else []
+    meta_path = [p for p in (cfg.input.item_metadata, cfg.input.item_metadata_attribute_names) if p]
     _check_output_outside_inputs(sources, meta_path, out)
     metadata = item_metadata.read_item_metadata(cfg.input) if cfg.input.item_metadata else None
 

@@ -10,7 +10,8 @@ from tests.conftest import ROOT
 from train.config import LossConfig, load_train_config
 
 TRAIN_CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
-DATA_CONFIGS = sorted((ROOT / "configs" / "data").glob("*.yaml"))
+SEMANTIC_ID_CONFIGS = sorted((ROOT / "configs" / "data").glob("*_semantic_ids.yaml"))
+DATA_CONFIGS = sorted(set((ROOT / "configs" / "data").glob("*.yaml")) - set(SEMANTIC_ID_CONFIGS))
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: p.name)
@@ -24,6 +25,14 @@ def test_trainer_configs_load_and_document_their_command(path):
 @pytest.mark.parametrize("path", DATA_CONFIGS, ids=lambda p: p.name)
 def test_data_configs_load(path):
     load_config(PrepareConfig, path)
+
+
+@pytest.mark.parametrize("path", SEMANTIC_ID_CONFIGS, ids=lambda p: p.name)
+def test_semantic_id_configs_load_and_document_their_command(path):
+    from data_pipeline.semantic_ids.config import SemanticIdConfig
+
+    load_config(SemanticIdConfig, path)
+    assert "-m data_pipeline semantic-ids" in path.read_text(), f"{path.name}: the header gives no command"
 
 
 def test_there_are_configs():
