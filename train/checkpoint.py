@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -144,4 +145,11 @@ class CheckpointManager:
         rank_file = path / f"trainer_rank{dist.get_rank()}.pt"
         if not rank_file.is_file():
             rank_file = path / "trainer_rank0.pt"
-        return torch.load(rank_file, weights_only=False)
+        try:  # plain types and tensors only: a checkpoint directory must not be able to run code
+            return torch.load(rank_file, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise ValueError(
+                f"{rank_file} holds more than plain Python types and tensors, which the trainer refuses to "
+                f"unpickle ({str(exc).splitlines()[0]}). Was it written by this trainer? Start fresh with "
+                "run.resume=never or point run.resume at a checkpoint you trust."
+            ) from None
