@@ -41,6 +41,22 @@ def _sparse_state(table: ShardedItemTable) -> dict:
     return {"model": table.module.state_dict(), "optim": table.optimizer.state_dict()}
 
 
+def load_trainer_state(path: Path) -> dict:
+    """A ``trainer_rank{r}.pt`` file: plain Python types and tensors only (``weights_only=True``).
+
+    A checkpoint directory must not be able to run code when loaded: anything else in the file
+    (a pickled object) is refused with a ValueError naming the file.
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path} holds more than plain Python types and tensors, which the trainer refuses to unpickle "
+            f"({str(exc).splitlines()[0]}). Was it written by this trainer? Start fresh with run.resume=never "
+            "or point run.resume at a checkpoint you trust."
+        ) from None
+
+
 class CheckpointManager:
     """Saves, finds and loads checkpoints under ``root``, keeping the newest ``keep`` (plus the best)."""
 
@@ -145,11 +161,4 @@ class CheckpointManager:
         rank_file = path / f"trainer_rank{dist.get_rank()}.pt"
         if not rank_file.is_file():
             rank_file = path / "trainer_rank0.pt"
-        try:  # plain types and tensors only: a checkpoint directory must not be able to run code
-            return torch.load(rank_file, weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise ValueError(
-                f"{rank_file} holds more than plain Python types and tensors, which the trainer refuses to "
-                f"unpickle ({str(exc).splitlines()[0]}). Was it written by this trainer? Start fresh with "
-                "run.resume=never or point run.resume at a checkpoint you trust."
-            ) from None
+        return load_trainer_state(rank_file)
