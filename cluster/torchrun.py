@@ -3,8 +3,8 @@
 Slurm's pre-timeout signal goes to every process of a job step, the torchrun agent included, and the
 agent neither handles nor ignores SIGUSR1, so it would die of it. This ignores SIGUSR1 in the agent
 and then runs ``torch.distributed.run`` with the same arguments. The workers inherit the ignore until
-the trainer installs its own handler (cluster/preemption.py), so a signal arriving during start-up
-is harmless too.
+the trainer installs its own handler (cluster/preemption.py): a signal arriving during start-up is
+harmless, but lost (the job then runs until its time limit).
 """
 
 from __future__ import annotations
