@@ -201,11 +201,12 @@ def run_sweep(
             logger.info("sweep point %d/%d: %s", i + 1, len(lines), " ".join(points[i]))
             if dry_run:
                 continue
-            if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
+            # Children print to stderr: this command's stdout is its JSON summary alone.
+            if subprocess.run(cmd, cwd=ROOT, env=env, stdout=sys.stderr).returncode != 0:
                 failures += 1
                 logger.error("sweep point %d failed; going on with the next", i)
         if not dry_run:
-            subprocess.run(report_cmd, cwd=ROOT, env=env, check=False)
+            subprocess.run(report_cmd, cwd=ROOT, env=env, check=False, stdout=sys.stderr)
         info["failures"] = failures
         return info
     sbatch = ["sbatch", "--parsable", f"--array=0-{len(lines) - 1}", f"--job-name={spec.name}",

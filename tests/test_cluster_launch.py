@@ -247,3 +247,43 @@ def test_report_table_on_a_real_mlflow_store(tmp_path):
     # Without --parent: every non-parent run of the experiment (the stray one too).
     text = report("sw", tracking_uri=uri, out=tmp_path / "rep2")
     assert "stray" in text and "sweep" not in text.split("\n", 2)[2]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_local_sweep_runs_each_point_under_one_parent(synthetic_data, tmp_path):
+    """``python -m cluster sweep --local``: torchrun per point, one after another, then the report."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from tests.conftest import TINY_MODEL
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(json.dumps({
+        "config": str(ROOT / "configs" / "demo.yaml"), "name": "local2", "experiment": "local-sweep",
+        "output_root": str(tmp_path / "sweeps"),
+        "overrides": [f"data.dir={synthetic_data}", *TINY_MODEL, "tracking.enabled=true",
+                      "tracking.system_metrics=false", "tracking.log_model=false", "run.epochs=1"],
+        "grid": {"model.num_blocks": [1, 2]},
+    }))  # fmt: skip
+    env = {**__import__("os").environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run([sys.executable, "-m", "cluster", "sweep", "--grid", str(grid), "--local", "--nproc", "1"],
+                          env=env, capture_output=True, text=True, cwd=ROOT, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    info = json.loads(proc.stdout)
+    client = MlflowClient(info["tracking_uri"])
+    assert info["tracking_uri"] == f"sqlite:///{tmp_path / 'sweeps' / 'local2' / 'mlflow.db'}"
+    exp = client.get_experiment_by_name("local-sweep")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{info['parent_run_id']}'")
+    assert sorted(c.data.params["model.num_blocks"] for c in children) == ["1", "2"]
+    for c in children:
+        point = int(c.info.run_name.rsplit("-", 1)[1])
+        final = json.loads(
+            (tmp_path / "sweeps" / "local2" / f"point-{point}" / "final_metrics.json").read_text()
+        )
+        assert c.data.metrics["test/hr_at_10"] == pytest.approx(final["test"]["hr@10"])
+    assert client.get_run(info["parent_run_id"]).info.status == "FINISHED"
+    rows = (tmp_path / "sweeps" / "local2" / "report" / "runs.csv").read_text().splitlines()
+    assert len(rows) == 3 and "model.num_blocks" in rows[0]

@@ -22,6 +22,11 @@ SQLite suits one machine; jobs on several nodes should share an ``http://`` trac
 Resuming: the run id is kept in ``<run_dir>/mlflow_run_id``; a job restarted in the same run_dir
 logs into the same MLflow run (metric history, system metrics and the history figure continue).
 
+Sweeps: ``tracking.parent_run_id`` makes a new run a child of that run (tag ``mlflow.parentRunId``);
+``python -m cluster sweep`` sets it. At the end of a run the trainer calls ``log_dataset_input``
+(the prepared data: source dir, counts and file checksums as an MLflow dataset input) and
+``log_recommender_model`` (the model as an MLflow logged pyfunc model, train/serving.py), on rank 0.
+
 Failures never stop training: an unreachable store at start gives a warning and a ``NullTracker``;
 a later logging failure gives one warning, then logging pauses for ``RETRY_AFTER_S`` at a time until
 the store answers again. Metrics logged during a pause are kept (up to ``MAX_PENDING_METRICS``) and
