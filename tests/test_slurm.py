@@ -76,9 +76,12 @@ def submit(
     slurm: LocalSlurm, sbatch_args: list[str], script: str, args: list[str], env: dict[str, str]
 ) -> str:
     """sbatch and return the job id (the job inherits ``env`` on top of this process's environment)."""
+    full_env = {**slurm.env(), **env}
+    if "MLFLOW_TRACKING_URI" not in env:  # the trainer's default store (next to the run), unless asked
+        full_env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.run(
         ["sbatch", "--parsable", "--export=ALL", *sbatch_args, str(ROOT / "slurm" / script), *args],
-        env={**slurm.env(), **env}, capture_output=True, text=True, cwd=ROOT, timeout=30,
+        env=full_env, capture_output=True, text=True, cwd=ROOT, timeout=30,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -177,9 +180,11 @@ def assert_logged_model_reproduces_predictions(run, out: Path, data_dir: Path) -
     import mlflow
     import pandas as pd
 
+    from train.tracking import global_tracking_uri
+
     (output,) = run.outputs.model_outputs
-    mlflow.set_tracking_uri(f"sqlite:///{out.parent / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    with global_tracking_uri(f"sqlite:///{out.parent / 'mlflow.db'}"):  # not leaked to later jobs' env
+        model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
     items = pq.read_table(data_dir / "vocab" / "items.parquet").to_pydict()
     users = pq.read_table(data_dir / "vocab" / "users.parquet").to_pydict()
     raw_item = dict(zip(items["dense_id"], items["raw_id"]))

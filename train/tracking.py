@@ -36,6 +36,7 @@ sent then; params, tags and artifacts logged during a pause are dropped.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import getpass
 import importlib.metadata
@@ -635,6 +636,23 @@ def log_dataset_input(
     tracker._call("log_inputs", send)
 
 
+@contextlib.contextmanager
+def global_tracking_uri(uri: str):
+    """Point MLflow's process-wide tracking URI at ``uri`` for a block, then restore it exactly.
+
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI for subprocesses; restoring "unset"
+    (None) removes it again, so nothing started later inherits this store by accident.
+    """
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def recommender_signature():
     """The pyfunc's interface: ``history`` (raw ids), optional times, param ``k`` (default 10)."""
     from mlflow.models import ModelSignature
@@ -688,9 +706,7 @@ def log_recommender_model(
             logged = tracker.client.create_logged_model(
                 experiment_id, name="model", source_run_id=tracker.run_id
             )
-            previous = mlflow.get_tracking_uri()
-            mlflow.set_tracking_uri(tracker.tracking_uri)  # Model.log resolves the store globally
-            try:
+            with global_tracking_uri(tracker.tracking_uri):  # Model.log resolves the store globally
                 info = Model.log(
                     model_id=logged.model_id,
                     artifact_path=None,
@@ -702,8 +718,6 @@ def log_recommender_model(
                     signature=recommender_signature(),
                     code_paths=[str(PROJECT_ROOT / "train"), str(PROJECT_ROOT / "cluster")],
                 )
-            finally:
-                mlflow.set_tracking_uri(previous)
             result.append(info.model_uri)
 
     tracker._call("log_model", send)
