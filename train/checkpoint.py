@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,22 @@ def _sparse_state(tables: dict[str, ShardedItemTable]) -> dict:
         name: {"model": t.module.state_dict(), "optim": t.optimizer.state_dict()}
         for name, t in tables.items()
     }
+
+
+def load_trainer_state(path: Path) -> dict:
+    """A ``trainer_rank{r}.pt`` file: plain Python types and tensors only (``weights_only=True``).
+
+    A checkpoint directory must not be able to run code when loaded: anything else in the file
+    (a pickled object) is refused with a ValueError naming the file.
+    """
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(
+            f"{path} holds more than plain Python types and tensors, which the trainer refuses to unpickle "
+            f"({str(exc).splitlines()[0]}). Was it written by this trainer? Start fresh with run.resume=never "
+            "or point run.resume at a checkpoint you trust."
+        ) from None
 
 
 class CheckpointManager:
@@ -167,4 +184,4 @@ class CheckpointManager:
         rank_file = path / f"trainer_rank{dist.get_rank()}.pt"
         if not rank_file.is_file():
             rank_file = path / "trainer_rank0.pt"
-        return torch.load(rank_file, weights_only=False)
+        return load_trainer_state(rank_file)

@@ -1,8 +1,10 @@
 """Process-group setup: the same code on CPU (gloo) and CUDA (nccl), under torchrun or alone.
 
-``init_distributed()`` reads the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT). Run as a plain ``python -m train`` it creates a one-process group on a free local
-port, so the rest of the trainer never branches on "distributed or not".
+``init_distributed()`` asks ``cluster.env.detect()`` where it runs: under torchrun (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR, MASTER_PORT), as a task of a Slurm step (``srun python -m train``:
+SLURM_PROCID, SLURM_STEP_NUM_TASKS, the step's first node), or as a plain ``python -m train``, which
+gets a one-process group on a free local port; the rest of the trainer never branches on
+"distributed or not".
 """
 
 from __future__ import annotations
@@ -10,14 +12,14 @@ from __future__ import annotations
 import datetime
 import gc
 import logging
-import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from cluster.env import detect
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +31,20 @@ class DistInfo:
     local_rank: int
     device: torch.device
     backend: str
+    num_nodes: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
     """Initialise (or reuse) the default process group; nccl when CUDA is available, else gloo."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    env = detect()
+    env.export()  # torch's env:// init reads RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    if env.rank == 0:
+        log.info("launch: %s", env.describe())
+    local_rank = env.local_rank
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -57,7 +54,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistInfo:
         backend = "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend())
+    return DistInfo(
+        dist.get_rank(), dist.get_world_size(), local_rank, device, dist.get_backend(), env.num_nodes
+    )
 
 
 def destroy_distributed() -> None:

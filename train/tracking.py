@@ -22,6 +22,11 @@ SQLite suits one machine; jobs on several nodes should share an ``http://`` trac
 Resuming: the run id is kept in ``<run_dir>/mlflow_run_id``; a job restarted in the same run_dir
 logs into the same MLflow run (metric history, system metrics and the history figure continue).
 
+Sweeps: ``tracking.parent_run_id`` makes a new run a child of that run (tag ``mlflow.parentRunId``);
+``python -m cluster sweep`` sets it. At the end of a run the trainer calls ``log_dataset_input``
+(the prepared data: source dir, counts and file checksums as an MLflow dataset input) and
+``log_recommender_model`` (the model as an MLflow logged pyfunc model, train/serving.py), on rank 0.
+
 Failures never stop training: an unreachable store at start gives a warning and a ``NullTracker``;
 a later logging failure gives one warning, then logging pauses for ``RETRY_AFTER_S`` at a time until
 the store answers again. Metrics logged during a pause are kept (up to ``MAX_PENDING_METRICS``) and
@@ -31,6 +36,7 @@ sent then; params, tags and artifacts logged during a pause are dropped.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import getpass
 import importlib.metadata
@@ -90,6 +96,12 @@ class TrackingConfig:
     system_metrics: bool = True
     # The trainer logs train metrics every this many steps.
     log_every_steps: int = 10
+    # Make the new run a child of this MLflow run (tag mlflow.parentRunId): a sweep's runs under
+    # one parent. `python -m cluster sweep` sets it; a resumed run keeps the parent it had.
+    parent_run_id: str | None = None
+    # At the end of a run: the prepared data as a dataset input, the model as a logged pyfunc model.
+    log_dataset: bool = True
+    log_model: bool = True
 
     def validate(self) -> None:
         """Reject values MLflow or the trainer cannot use."""
@@ -103,6 +115,11 @@ class TrackingConfig:
             )
         if self.run_name is not None and not self.run_name.strip():
             raise ConfigError("tracking.run_name", "is empty; remove the key (null) to use the run dir name")
+        if self.parent_run_id is not None and not re.fullmatch(r"[0-9a-f]{32}", self.parent_run_id.strip()):
+            raise ConfigError(
+                "tracking.parent_run_id",
+                f"got {self.parent_run_id!r}, expected a 32-hex MLflow run id or null",
+            )
 
 
 def _check_dict_name(name: str) -> None:
@@ -337,6 +354,8 @@ class MLflowTracker(Tracker):
             tags["mlflow.user"] = getpass.getuser()
         except (KeyError, OSError):  # containers without a passwd entry
             pass
+        if cfg.parent_run_id:
+            tags["mlflow.parentRunId"] = cfg.parent_run_id.strip()  # how the MLflow UI nests runs
         run = self.client.create_run(experiment_id, run_name=cfg.run_name or run_dir.name, tags=tags)
         run_id = run.info.run_id
         # Written atomically: a job killed mid-write must not leave a half id for the restart.
@@ -556,3 +575,150 @@ def make_tracker(cfg: TrackingConfig, *, rank: int, run_dir: Path, default_uri: 
             exc,
         )
         return NullTracker()
+
+
+def dataset_profile(manifest: dict) -> dict:
+    """The deterministic summary of a prepared data set: counts and each data file's sha256."""
+    return {
+        "num_users": manifest.get("num_users"),
+        "num_items": manifest.get("num_items"),
+        "num_interactions": manifest.get("num_interactions"),
+        "splits": {
+            name: {
+                "num_rows": split.get("num_rows"),
+                "files": {f["path"]: f["sha256"] for f in split["files"]},
+            }
+            for name, split in sorted(manifest.get("splits", {}).items())
+        },
+        "input_fingerprint": manifest.get("input_fingerprint"),
+        "inputs": [{"path": f.get("path"), "sha256": f.get("sha256")} for f in manifest.get("inputs", [])],
+    }
+
+
+def log_dataset_input(
+    tracker: Tracker, data_dir: str | os.PathLike, manifest: dict, context: str = "training"
+) -> None:
+    """Record the prepared data as the run's MLflow dataset input (``mlflow.data``, ``log_inputs``).
+
+    The source is the prepared directory; the digest is a hash of the profile (counts and file
+    checksums), so two runs on byte-identical data show the same dataset in the MLflow UI.
+    No-op on a ``NullTracker``.
+    """
+    if not isinstance(tracker, MLflowTracker):
+        return
+    import hashlib
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    profile = dataset_profile(manifest)
+    digest = hashlib.sha256(json.dumps(profile, sort_keys=True).encode()).hexdigest()[:16]
+
+    class PreparedDataset(MetaDataset):
+        @property
+        def profile(self):
+            return profile
+
+        def to_dict(self) -> dict[str, str]:
+            return {**super().to_dict(), "profile": json.dumps(profile)}  # MetaDataset leaves it out
+
+    def send() -> None:
+        path = Path(data_dir).resolve()
+        with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are the local source
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(path))
+        entity = PreparedDataset(source, name=path.name, digest=digest)._to_mlflow_entity()
+        tags = [InputTag("mlflow.data.context", context)]
+        tracker.client.log_inputs(tracker.run_id, [DatasetInput(entity, tags)])
+
+    tracker._call("log_inputs", send)
+
+
+@contextlib.contextmanager
+def global_tracking_uri(uri: str):
+    """Point MLflow's process-wide tracking URI at ``uri`` for a block, then restore it exactly.
+
+    ``mlflow.set_tracking_uri`` also exports MLFLOW_TRACKING_URI for subprocesses; restoring "unset"
+    (None) removes it again, so nothing started later inherits this store by accident.
+    """
+    import mlflow
+
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def recommender_signature():
+    """The pyfunc's interface: ``history`` (raw ids), optional times, param ``k`` (default 10)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    inputs = Schema(
+        [
+            ColSpec(Array(DataType.string), "history"),
+            ColSpec(Array(DataType.long), "timestamps", required=False),
+            ColSpec(DataType.long, "query_timestamp", required=False),
+        ]
+    )
+    outputs = Schema([ColSpec(Array(DataType.string), "top_item_ids")])
+    return ModelSignature(
+        inputs=inputs, outputs=outputs, params=ParamSchema([ParamSpec("k", DataType.long, 10)])
+    )
+
+
+def log_recommender_model(
+    tracker: Tracker, *, encoder, item_table_ID, config_path: str | os.PathLike, data_dir: str | os.PathLike
+) -> str | None:
+    """Log the trained model as an MLflow logged model (pyfunc ``train.serving.SequenceRecommender``).
+
+    ``encoder`` is a plain (unsharded, full-parameter) copy of the dense encoder, ``item_table_ID`` the
+    gathered raw item table, ``config_path`` the run's resolved config. Returns the model URI
+    (``models:/<id>``), or None on a ``NullTracker`` or when MLflow refused (warned, as any logging).
+    """
+    if not isinstance(tracker, MLflowTracker):
+        return None
+    import mlflow
+    import numpy as np
+    import torch
+    from mlflow.models import Model
+
+    result: list[str] = []
+
+    def send() -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            state = {k: v.detach().float().cpu() for k, v in encoder.state_dict().items()}
+            torch.save(state, tmp / "encoder.pt")
+            np.save(tmp / "item_table.npy", item_table_ID.detach().float().cpu().numpy())
+            artifacts = {
+                "config": str(config_path),
+                "encoder": str(tmp / "encoder.pt"),
+                "item_table": str(tmp / "item_table.npy"),
+                "items": str(Path(data_dir) / "vocab" / "items.parquet"),
+            }
+            # Created here so it lands in the run's experiment (Model.log alone would use the default one).
+            experiment_id = tracker.client.get_run(tracker.run_id).info.experiment_id
+            logged = tracker.client.create_logged_model(
+                experiment_id, name="model", source_run_id=tracker.run_id
+            )
+            with global_tracking_uri(tracker.tracking_uri):  # Model.log resolves the store globally
+                info = Model.log(
+                    model_id=logged.model_id,
+                    artifact_path=None,
+                    name="model",
+                    flavor=mlflow.pyfunc,
+                    run_id=tracker.run_id,
+                    python_model=str(PROJECT_ROOT / "train" / "serving.py"),  # models from code: no pickle
+                    artifacts=artifacts,
+                    signature=recommender_signature(),
+                    code_paths=[str(PROJECT_ROOT / "train"), str(PROJECT_ROOT / "cluster")],
+                )
+            result.append(info.model_uri)
+
+    tracker._call("log_model", send)
+    return result[0] if result else None

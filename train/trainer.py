@@ -34,14 +34,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from cluster.config import flatten, save_config, to_dict
+from cluster.preemption import PreemptionHandler, mark_stopped
 from train import checkpoint as ckpt
 from train.batch import SequenceBatch
 from train.config import TrainConfig
 from train.distributed import DistInfo, all_reduce_sum
+from train.embeddings import gather_full_table
 from train.evaluation import Evaluator, evaluate_popularity
 from train.reader import SequenceDataset, load_manifest
+from train.run_lock import acquire_run_lock
 from train.tasks import StepContext, build_task
-from train.tracking import default_tags, make_tracker
+from train.tracking import default_tags, log_dataset_input, log_recommender_model, make_tracker
 from train.zero import build_engine, deepspeed_config
 
 logger = logging.getLogger(__name__)
@@ -113,6 +116,8 @@ class Trainer:
         self.last_grad_norm: float | None = None
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.run_lock = acquire_run_lock(self.output_dir, info.is_main, self.device)  # before any write
+        self.preemption = PreemptionHandler().install()
         self.checkpoints = ckpt.CheckpointManager(self.output_dir / "checkpoints", cfg.run.keep_checkpoints)
         default_uri = f"sqlite:///{self.output_dir.resolve().parent / 'mlflow.db'}"
         self.tracker = make_tracker(
@@ -228,7 +233,7 @@ class Trainer:
             loader = iter(self.train_data.loader())
             bar = self._make_progress(self.steps_per_epoch)
             window_loss, window_pos, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
-            epoch_rows, epoch_tokens = 0, 0
+            epoch_rows, epoch_tokens, preempted = 0, 0, False
             while True:
                 if max_steps and self.step >= max_steps:
                     break
@@ -257,8 +262,16 @@ class Trainer:
                     window_loss, window_pos, window_tokens, window_t0 = 0.0, 0, 0, time.perf_counter()
                 if cfg.run.checkpoint_every_steps and self.step % cfg.run.checkpoint_every_steps == 0:
                     self.save_checkpoint()
+                if self.preemption.should_stop(self.device):  # all ranks agree on the step
+                    preempted = True
+                    break
             if bar is not None:
                 bar.close()
+            if preempted:
+                self.save_checkpoint()
+                mark_stopped(self.step, self.output_dir, self.info.is_main)
+                self.tracker.finish("KILLED")  # the requeued job reopens the run
+                return {}
             if max_steps and self.step >= max_steps and self.batches_in_epoch < self.steps_per_epoch:
                 self.save_checkpoint()
                 logger.info("stopping at run.max_steps=%d (mid-epoch); resume=auto continues", max_steps)
@@ -442,7 +455,15 @@ class Trainer:
             "older_windows": self.cfg.data.older_windows,
         }
         logger.info("test: %s", _fmt(test))
+        log_model = self.cfg.tracking.log_model and self.task.servable
+        if log_model:  # collectives: every rank gathers, rank 0 logs
+            log_table, log_encoder = gather_full_table(self.task.table, self.device), self._eval_module()
         if self.info.is_main:
+            if self.cfg.tracking.log_dataset:
+                log_dataset_input(self.tracker, self.cfg.data.dir, self.manifest)
+            if log_model:
+                log_recommender_model(self.tracker, encoder=log_encoder, item_table_ID=log_table,
+                                      config_path=self.output_dir / "config.yaml", data_dir=self.cfg.data.dir)  # fmt: skip
             # The reference point every number should be read against (counts from the train split).
             final["popularity_test"] = evaluate_popularity(self.cfg.data.dir, "test")
             logger.info("popularity baseline, test: %s", _fmt(final["popularity_test"]))

@@ -86,6 +86,10 @@ class EvalOutput:
 class Task(abc.ABC):
     """A model family: builds its parts, computes the training loss, ranks items for evaluation."""
 
+    # True when train/serving.py can load the family as an MLflow logged model (an item table
+    # ``self.table`` scored by the dense module's last query); tracking.log_model skips the others.
+    servable = False
+
     def __init__(self, cfg: TrainConfig, info: DistInfo, manifest: dict):
         self.cfg, self.info, self.manifest = cfg, info, manifest
         self.device = info.device

@@ -46,6 +46,8 @@ class _EvalState(NamedTuple):
 class RetrievalTask(Task):
     """One item table + a sequence encoder, trained by a softmax over items."""
 
+    servable = True
+
     def __init__(self, cfg, info, manifest):
         super().__init__(cfg, info, manifest)
         self.model_cfg = cfg.model
