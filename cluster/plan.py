@@ -133,6 +133,7 @@ class Plan:
             "data.batching=tokens",
             f"data.max_tokens_per_rank={s.max_tokens_per_rank}",
             f"data.max_attention_cost_per_rank={s.max_attention_cost_per_rank}",
+            f"schedule.activation_checkpointing={str(s.checkpointing).lower()}",
         ]
 
     def to_dict(self) -> dict:

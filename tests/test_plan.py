@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import pytest
+import yaml
 
 from cluster.__main__ import main
 from cluster.memory import BatchShape, GiB, MiB, estimate_memory, model_dims
@@ -123,3 +124,25 @@ def test_a_plan_for_a_small_budget_trains_within_it():
     table = sum(plan.memory.terms[k] for k in ("embedding_weights", "embedding_optimizer", "embedding_grads"))
     predicted = plan.memory.total - table
     assert measured.total <= predicted < 1.6 * measured.total, (predicted, measured)
+
+
+@pytest.mark.distributed
+def test_schedule_auto_plans_and_trains(synthetic_data, tmp_path):
+    """schedule.mode=auto on a small simulated GPU: the trainer applies the plan's overrides (token
+    batching, ZeRO stage, sharding), writes plan.json, and trains to the end with them."""
+    from tests.conftest import TINY_MODEL, run_train
+
+    out = tmp_path / "auto"
+    run_train([f"data.dir={synthetic_data}", *TINY_MODEL, "run.epochs=1", "schedule.mode=auto",
+               "schedule.gpu_memory_gib=2"], out, nproc=2)  # fmt: skip
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["fits"]
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    for override in plan["overrides"]:
+        key, value = override.split("=", 1)
+        section, name = key.split(".")
+        assert str(resolved[section][name]).lower() == value.lower() or float(
+            resolved[section][name]
+        ) == float(value), key
+    assert resolved["data"]["batching"] == "tokens"
+    assert json.loads((out / "final_metrics.json").read_text())["test"]["num_users"] > 0

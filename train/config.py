@@ -237,6 +237,24 @@ class RunConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """How the memory schedule is chosen: by hand (the other sections) or planned (``cluster/plan.py``)."""
+
+    # auto: before building, the planner picks the sharding type and memory cap, ZeRO stage and
+    # offload, activation checkpointing, gradient accumulation and a per-rank token budget that fit
+    # gpu_memory_gib (python -m cluster plan shows the same plan); they override the config's values,
+    # are written to <output_dir>/plan.json and logged to MLflow.
+    mode: Literal["manual", "auto"] = "manual"
+    gpu_memory_gib: float | None = None  # memory per GPU for mode=auto (None: ask the CUDA device)
+    # Recompute each HSTU layer / SASRec block in backward instead of keeping its activations.
+    activation_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ConfigError("schedule.gpu_memory_gib", f"got {self.gpu_memory_gib}, expected > 0")
+
+
+@dataclass
 class TrainConfig:
     """Everything the trainer needs; see configs/*.yaml for annotated examples."""
 
@@ -249,6 +267,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def validate(self) -> None:
         if self.data.train_split == "train_valid" and self.eval.patience:

@@ -60,6 +60,13 @@ class Trainer:
     """Builds everything from a ``TrainConfig`` on an initialised process group."""
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
+        self.plan = None
+        if cfg.schedule.mode == "auto":  # the same plan on every rank: a pure function of the config
+            from cluster.schedule import apply_plan, cluster_from_env
+
+            gib = cfg.schedule.gpu_memory_gib
+            cfg, self.plan = apply_plan(cfg, cluster_from_env(None if gib is None else int(gib * 2**30)))
+            logger.info("schedule=auto: %s", " ".join(self.plan.overrides))
         self.cfg, self.info = cfg, info
         self.device = info.device
         self.output_dir = Path(cfg.run.output_dir)
@@ -77,6 +84,14 @@ class Trainer:
         self.tables = self.task.build_tables()
         torch.manual_seed(cfg.run.seed)  # identical dense init on every rank
         dense = self.task.build_dense().to(self.device)
+        if cfg.schedule.activation_checkpointing:
+            if cfg.model.name not in ("hstu", "sasrec"):
+                raise ValueError(
+                    f"schedule.activation_checkpointing covers hstu and sasrec, not {cfg.model.name}"
+                )
+            from cluster.schedule import enable_activation_checkpointing
+
+            enable_activation_checkpointing(dense)
 
         # train_valid trains on the valid rows (every item but the test target); see DataConfig.
         train_split = ["valid" if cfg.data.train_split == "train_valid" else "train"]
@@ -220,6 +235,10 @@ class Trainer:
         self.tracker.set_tags(default_tags(self.info.world_size))
         for name in ("config.yaml", "deepspeed_config.json", "sharding_plan.txt"):
             self.tracker.log_artifact(self.output_dir / name)
+        if self.plan is not None and self.info.is_main:
+            from cluster.schedule import write_plan
+
+            write_plan(self.plan, self.output_dir, self.tracker)
 
         self._sync_table_lr()  # the schedule's value at the current (possibly resumed) step
         stopped_early = False
@@ -305,6 +324,13 @@ class Trainer:
         }
         if self.last_grad_norm is not None:
             metrics["train/grad_norm"] = self.last_grad_norm
+        if self.plan is not None and self.device.type == "cuda" and not getattr(self, "_peak_checked", False):
+            from cluster.schedule import check_predicted_peak
+
+            self._peak_checked = True  # once, after the first logged steps
+            warning = check_predicted_peak(self.plan, torch.cuda.max_memory_allocated(self.device))
+            if warning:
+                logger.warning("%s", warning)
         self._record(metrics)
         logger.info(
             "step %d | epoch %.2f | loss %.4f | lr %.2e | grad_norm %s | %.0f tokens/s | peak %.0f MiB",
