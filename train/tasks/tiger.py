@@ -73,6 +73,12 @@ class TigerTask(Task):
                 "loss.* configures the retrieval task's softmax over items; TIGER's loss is the cross-entropy "
                 "of the target's codes. Remove the loss: section (or its overrides) for model.name=tiger"
             )
+        deepest = max([*cfg.eval.hr_at, *cfg.eval.ndcg_at])
+        if deepest > self.model_cfg.beam_size:
+            raise ValueError(
+                f"eval.hr_at/ndcg_at ask for a cut-off of {deepest} but model.beam_size={self.model_cfg.beam_size} "
+                "returns that many items at most; raise model.beam_size or lower the cut-offs"
+            )
         sid_dir = self.model_cfg.semantic_ids_dir
         if not sid_dir:
             raise ValueError(
