@@ -54,7 +54,7 @@ def encode_files(
     sq_err, num_values, row = 0.0, 0, 0
     for path in files:
         for batch in _row_group_batches(path, batch_size):
-            x_BD = torch.from_numpy(_to_numpy(batch))
+            x_BD = torch.from_numpy(np.array(_to_numpy(batch)))  # a writable copy of Arrow's read-only buffer
             z_BE = model.encode(x_BD)
             c_BL, _, chosen_BLE = model.quantizer.residuals(z_BE)
             if recon_rows is None or row < recon_rows:  # the decoder doubles the cost: a sample suffices
