@@ -196,7 +196,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(item, "overrides are written key.sub=value")
         key, raw = item.split("=", 1)
         key = key.strip().lstrip("-")
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0]
+            raise ConfigError(
+                key.strip().lstrip("-"),
+                f"value {raw!r} is not valid YAML ({problem}); quote it: {key}='\"...\"'",
+            ) from None
         node = out
         parts = key.split(".")
         for part in parts[:-1]:

@@ -95,3 +95,8 @@ def test_base_loop_through_two_files_shows_the_chain(tmp_path):
     with pytest.raises(ConfigError, match="loops") as err:
         load_train_config(str(tmp_path / "a.yaml"))
     assert "a.yaml -> " in str(err.value) and "b.yaml -> " in str(err.value)
+
+
+def test_override_that_is_not_yaml_names_its_key():
+    with pytest.raises(ConfigError, match="optim.lr.*not valid YAML.*quote it"):
+        load_train_config(None, ["optim.lr={oops: [1"])
