@@ -12,12 +12,11 @@ import torch
 
 from data_pipeline.semantic_ids.table import read_semantic_ids
 from tests.conftest import run_train
+from tests.test_trainer import EXACT
 from train.config import load_train_config
 from train.distributed import DistInfo
 from train.reader import load_manifest
 from train.tasks.tiger import TigerTask, _drop_history
-
-EXACT = ["data.partition=strided", "run.epochs=2"]
 
 
 @pytest.mark.distributed

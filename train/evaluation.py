@@ -28,7 +28,7 @@ from train.batch import split_last
 from train.config import TrainConfig
 from train.distributed import DistInfo, all_reduce_sum
 from train.metrics import RetrievalMetrics, item_counts, popularity_ranks
-from train.reader import SequenceDataset, load_manifest
+from train.reader import SequenceDataset, load_manifest, raw_ids_by_dense, vocab_path
 from train.tasks.base import Task
 
 
@@ -38,9 +38,8 @@ class Evaluator:
     def __init__(self, cfg: TrainConfig, info: DistInfo, manifest: dict):
         self.cfg, self.info, self.manifest = cfg, info, manifest
         self.data_dir = Path(cfg.data.dir)
-        vocab = manifest.get("vocab", {"items": "vocab/items.parquet", "users": "vocab/users.parquet"})
-        self.item_vocab_path = self.data_dir / vocab["items"]
-        self.user_vocab_path = self.data_dir / vocab["users"]
+        self.item_vocab_path = vocab_path(self.data_dir, manifest, "items")
+        self.user_vocab_path = vocab_path(self.data_dir, manifest, "users")
 
     @torch.no_grad()
     def run(self, task: Task, dense: nn.Module, split: str, predictions_path: Path | None = None) -> dict:
@@ -89,8 +88,8 @@ class Evaluator:
             targets = np.concatenate([p["targets"] for p in parts])
             top = np.concatenate([p["top"] for p in parts])
             order = np.argsort(users, kind="stable")
-            item_raw = _vocab(self.item_vocab_path)
-            user_raw = _vocab(self.user_vocab_path)
+            item_raw = raw_ids_by_dense(self.item_vocab_path)
+            user_raw = raw_ids_by_dense(self.user_vocab_path)
             top = top[order]
             table = pa.table(
                 {
@@ -105,16 +104,6 @@ class Evaluator:
             for r in range(self.info.world_size):
                 path.with_name(f".{path.stem}.rank{r}.npz").unlink(missing_ok=True)
         dist.barrier()
-
-
-def _vocab(path: Path) -> np.ndarray:
-    """Dense id -> raw id (index 0 = padding, as an empty string)."""
-    t = pq.read_table(path, columns=["raw_id", "dense_id"])
-    dense = t.column("dense_id").to_numpy()
-    out = np.empty(int(dense.max()) + 1, dtype=object)
-    out[0] = ""
-    out[dense] = np.array(t.column("raw_id").to_pylist(), dtype=object)
-    return out
 
 
 def evaluate_popularity(

@@ -101,6 +101,26 @@ _LAYOUT_KEYS = (
 )
 
 
+def vocab_path(data_dir: str | os.PathLike, manifest: dict[str, Any], kind: str) -> Path:
+    """The ``items`` or ``users`` vocabulary file that the manifest names (docs/data_format.md)."""
+    default = {"items": "vocab/items.parquet", "users": "vocab/users.parquet"}
+    return Path(data_dir) / manifest.get("vocab", default)[kind]
+
+
+def raw_ids_by_dense(path: str | os.PathLike) -> np.ndarray:
+    """Dense id -> raw id (a string) from a vocabulary file; index 0 (padding) is the empty string."""
+    t = pq.read_table(path, columns=["raw_id", "dense_id"])
+    dense = t.column("dense_id").to_numpy()
+    if not np.array_equal(np.sort(dense), np.arange(1, len(dense) + 1)):
+        raise ValueError(
+            f"{path}: dense ids are not 1..{len(dense)}; prepare the data again ({_PREPARE_HINT})"
+        )
+    out = np.empty(len(dense) + 1, dtype=object)
+    out[0] = ""
+    out[dense] = np.array([str(r) for r in t.column("raw_id").to_pylist()], dtype=object)
+    return out
+
+
 def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
     """Read and check ``<data_dir>/manifest.json`` (written last by the prepare job)."""
     data_dir = Path(data_dir)

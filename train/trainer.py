@@ -61,6 +61,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, info: DistInfo):
         self.plan = None
+        self._peak_checked = False  # schedule=auto: the predicted peak is compared once, on CUDA
         if cfg.schedule.mode == "auto":  # the same plan on every rank: a pure function of the config
             from cluster.schedule import apply_plan, cluster_from_env
 
@@ -324,7 +325,7 @@ class Trainer:
         }
         if self.last_grad_norm is not None:
             metrics["train/grad_norm"] = self.last_grad_norm
-        if self.plan is not None and self.device.type == "cuda" and not getattr(self, "_peak_checked", False):
+        if self.plan is not None and self.device.type == "cuda" and not self._peak_checked:
             from cluster.schedule import check_predicted_peak
 
             self._peak_checked = True  # once, after the first logged steps

@@ -82,6 +82,12 @@ class EvalOutput:
     ranks: Tensor  # [R] 0-based rank of each target (metrics.NOT_FOUND_RANK when not ranked)
     top_ids: Tensor | None  # [R, k] dense item ids in rank order (0 past the end), when asked
 
+    @classmethod
+    def empty(cls, rows: Tensor, top_k: int | None) -> EvalOutput:
+        """A batch with no row to evaluate."""
+        none = torch.zeros(0, dtype=torch.long)
+        return cls(rows, none, none, None if top_k is None else none.view(0, 1))
+
 
 class Task(abc.ABC):
     """A model family: builds its parts, computes the training loss, ranks items for evaluation."""

@@ -136,8 +136,7 @@ class RetrievalTask(Task):
         inputs = split_inputs_targets(batch, self.max_seq_len, last_only=True)
         input_ids, offsets, targets = inputs.input_ids, inputs.offsets, inputs.targets
         if len(targets) == 0:
-            empty = torch.zeros(0, dtype=torch.long)
-            return EvalOutput(inputs.keep_rows, targets, empty, None if top_k is None else empty[:, None])
+            return EvalOutput.empty(inputs.keep_rows, top_k)
         input_ids_d, offsets_d = input_ids.to(self.device), offsets.to(self.device)
         max_len = int((offsets[1:] - offsets[:-1]).max())
         query_TD = prepared.encoder(

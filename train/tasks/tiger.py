@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -46,6 +44,7 @@ from train.models.tiger import (
     make_step_fn,
     user_buckets,
 )
+from train.reader import raw_ids_by_dense, vocab_path
 from train.tasks.base import EvalOutput, StepContext, Task
 
 logger = logging.getLogger(__name__)
@@ -87,18 +86,17 @@ class TigerTask(Task):
                 "python -m data_pipeline semantic-ids-reference (a published table), then set model.semantic_ids_dir"
             )
         table = read_semantic_ids(sid_dir)
-        data_dir = Path(cfg.data.dir)
-        vocab = manifest.get("vocab", {"items": "vocab/items.parquet", "users": "vocab/users.parquet"})
-        item_raw = _raw_ids_by_dense(data_dir / vocab["items"])
+        item_raw = raw_ids_by_dense(vocab_path(cfg.data.dir, manifest, "items"))[1:].tolist()
         # Row d = codes of dense item d (row 0, padding, is -1 and never used as an input or target).
         codes = codes_for_vocab(table.item_ids, table.codes, item_raw)
         self.codes_NL = torch.from_numpy(codes)
         self.vocab = TigerVocab(tuple(table.codebook_sizes), self.model_cfg.num_user_buckets)
-        user_raw = _raw_ids_by_dense(data_dir / vocab["users"])
+        user_raw = raw_ids_by_dense(vocab_path(cfg.data.dir, manifest, "users"))[1:].tolist()
         self.user_bucket_U = torch.from_numpy(
             np.concatenate([[0], user_buckets(user_raw, self.model_cfg.num_user_buckets)])
         )
         self.table: ShardedItemTable | None = None
+        self._trie: SemanticIdTrie | None = None  # built at the first evaluation; the codes never change
         logger.info(
             "TIGER: %d items with %d-level semantic IDs (codebooks %s) from %s; %d token ids",
             self.num_items, self.vocab.num_levels, list(table.codebook_sizes), sid_dir, self.vocab.vocab_size,
@@ -172,16 +170,17 @@ class TigerTask(Task):
 
     def prepare_eval(self, dense: nn.Module) -> _EvalState:
         token_emb = gather_full_table(self.table, self.device).float()
-        trie = SemanticIdTrie.from_codes(self.codes_NL[1:].numpy(), list(self.vocab.codebook_sizes))
-        return _EvalState(dense, token_emb, trie.to(self.device))
+        if self._trie is None:
+            trie = SemanticIdTrie.from_codes(self.codes_NL[1:].numpy(), list(self.vocab.codebook_sizes))
+            self._trie = trie.to(self.device)
+        return _EvalState(dense, token_emb, self._trie)
 
     def eval_batch(self, batch: SequenceBatch, prepared: _EvalState, top_k: int | None) -> EvalOutput:
         history, targets = split_last(batch)
         keep_rows = batch.lengths >= 2
         targets = targets[keep_rows]
         if len(targets) == 0:
-            empty = torch.zeros(0, dtype=torch.long)
-            return EvalOutput(keep_rows, targets, empty, None if top_k is None else empty[:, None])
+            return EvalOutput.empty(keep_rows, top_k)
         users = batch.user_ids[keep_rows]
         hist_lengths = history.lengths[keep_rows]
         hist_offsets = torch.zeros(len(hist_lengths) + 1, dtype=torch.long)
@@ -236,15 +235,6 @@ class TigerTask(Task):
 
     def log_summary(self) -> str:
         return f"decode={self.model_cfg.decode}(beam {self.model_cfg.beam_size})"
-
-
-def _raw_ids_by_dense(path: Path) -> list[str]:
-    """Raw ids in dense-id order (dense id = position + 1) from a prepared vocabulary file."""
-    t = pq.read_table(path, columns=["raw_id", "dense_id"]).sort_by("dense_id")
-    dense = t.column("dense_id").to_numpy()
-    if not np.array_equal(dense, np.arange(1, len(dense) + 1)):
-        raise ValueError(f"{path}: dense ids are not 1..{len(dense)}; prepare the data again")
-    return [str(r) for r in t.column("raw_id").to_pylist()]
 
 
 def _drop_history(top_BK: Tensor, hist_values: Tensor, hist_offsets: Tensor, targets: Tensor) -> Tensor:
