@@ -274,6 +274,7 @@ def test_popularity_baseline_ml1m_matches_brute_force_from_raw_file(tmp_path):
         PrepareConfig,
         ROOT / "configs" / "data" / "ml1m.yaml",
         [
+            "input.format=sequences",
             f"input.paths=[{seq_file}]",
             "input.item_metadata=null",
             f"output.dir={tmp_path / 'ml1m'}",

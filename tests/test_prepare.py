@@ -228,9 +228,36 @@ def test_ml100k(tmp_path):
 
 @needs_shared
 @pytest.mark.shared_data
-def test_ml1m_sequences(tmp_path):
+def test_ml1m_ratings_default(tmp_path):
+    """The default ML-1M input is ratings.dat: timestamps kept, same-second items in file row order."""
     out = tmp_path / "ml1m"
     manifest = run(out, [], config=str(ROOT / "configs/data/ml1m.yaml"))
+    assert (manifest["num_users"], manifest["num_items"], manifest["num_interactions"]) == (6040, 3706, 1_000_209)
+    assert manifest["has_timestamps"] is True
+    rows = [line.split("::") for line in (SHARED / "ml-1m/ratings.dat").read_text().splitlines()]
+    users = np.array([r[0] for r in rows])
+    items = np.array([r[1] for r in rows])
+    ts = np.array([int(r[3]) for r in rows], dtype=np.int64)
+    seqs = _brute_force_sequences(users, items, ts)
+    _check_sequences(out, manifest, seqs, max_seq_len=200)
+    # Timestamps travel with the items: the test row of every user carries the brute-force times.
+    order = np.lexsort((np.arange(len(users)), ts, users))
+    times: dict[str, list[int]] = defaultdict(list)
+    for k in order:
+        times[users[k]].append(int(ts[k]))
+    user_vocab = {v: k for k, v in vocab(out, "users").items()}
+    for r in read_split(out, manifest, "test"):
+        assert r["timestamps"] == times[user_vocab[r["user_id"]]][-201:], r["user_id"]
+
+
+@needs_shared
+@pytest.mark.shared_data
+def test_ml1m_sequences(tmp_path):
+    out = tmp_path / "ml1m"
+    seq_file = SHARED / "ml-1m/sequences.txt"
+    manifest = run(
+        out, ["input.format=sequences", f"input.paths=[{seq_file}]"], config=str(ROOT / "configs/data/ml1m.yaml")
+    )
     assert (manifest["num_users"], manifest["num_items"], manifest["num_interactions"]) == (
         6040,
         3706,
