@@ -104,6 +104,43 @@ def plot_curves(runs: list[tuple[str, Path]], key: str, path: Path) -> Path | No
     return path
 
 
+def run_input(config) -> str:
+    """The raw file a run's data was prepared from (its manifest), e.g. ``ratings.dat`` or ``sequences.txt``."""
+    manifest = Path(config.data.dir) / "manifest.json"
+    if not manifest.is_file():
+        return "?"
+    paths = json.loads(manifest.read_text())["config"]["input"]["paths"]
+    return ",".join(Path(p).name for p in paths)
+
+
+def seed_summary(rows: list[dict]) -> list[dict]:
+    """Mean and sample standard deviation over runs that differ only by seed (same model, input, time
+    protocol, epochs, negatives): one line per group with two or more seeds."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["source"] != "published":
+            key = (r["model"], r["input"], r["time_gap_from"], r["epochs"], r["negatives"], r["train_split"])
+            groups.setdefault(key, []).append(r)
+    out = []
+    for (model, source, gap, epochs, _negatives, _split), group in groups.items():
+        if len(group) < 2:
+            continue
+        line = {"model": model, "input": source, "time_gap_from": gap, "epochs": epochs, "seeds":
+                [r["seed"] for r in group]}  # fmt: skip
+        for k in KEYS:
+            values = [r[k] for r in group]
+            line[k] = statistics.mean(values)
+            line[f"{k}_std"] = statistics.stdev(values)
+        out.append(line)
+        print(
+            f"{model:11s} {len(group)} seeds {line['seeds']} input={source} time_gap_from={gap} epochs={epochs}: "
+            + " ".join(f"{k} {line[k]:.4f}+-{line[k + '_std']:.4f}" for k in ("hr@10", "ndcg@10", "mrr"))
+        )
+    return out
+
+
 def report(runs: list[tuple[str, Path]]) -> list[dict]:
     """One row per finished run (model name, run dir) plus the published row of each model."""
     rows = []
@@ -124,6 +161,9 @@ def report(runs: list[tuple[str, Path]]) -> list[dict]:
             config = load_train_config(run_dir / "config.yaml")  # the run's resolved config
             curve = test_curve(run_dir, "hr@10")  # metrics.jsonl is read once per run
             seconds, epoch = time_to(curve, PUBLISHED[name]["hr@10"])
+            reached = {
+                target: time_to(curve, PUBLISHED[target]["hr@10"]) for target in ("hstu", "hstu_large")
+            }
             best = max(curve, key=lambda point: point[2], default=(None, None, None))
             rows.append({"model": name, "source": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
                          else str(run_dir), **{k: final["test"][k] for k in KEYS},
@@ -131,6 +171,9 @@ def report(runs: list[tuple[str, Path]]) -> list[dict]:
                          "table_optimizer": config.embeddings.optimizer,
                          "train_split": final.get("train_split", "train"), "elapsed_s": final.get("elapsed_s"),
                          "published_hr@10_reached_s": seconds, "published_hr@10_reached_epoch": epoch,
+                         "hstu_hr@10_reached_s": reached["hstu"][0], "hstu_large_hr@10_reached_s":
+                         reached["hstu_large"][0], "seed": config.run.seed, "input": run_input(config),
+                         "time_gap_from": getattr(config.model, "time_gap_from", None),
                          "best_curve_hr@10": best[2], "best_curve_epoch": best[0]})  # fmt: skip
         rows.append({"model": name, "source": "published", **PUBLISHED[name]})
     width = max(len(r["source"]) for r in rows)
@@ -151,6 +194,12 @@ def report(runs: list[tuple[str, Path]]) -> list[dict]:
                 notes += (
                     f" best HR@10 on the curve {r['best_curve_hr@10']:.4f} (epoch {r['best_curve_epoch']})"
                 )
+            notes += f" input={r['input']} seed={r['seed']}"
+            if r["time_gap_from"] is not None:
+                notes += f" time_gap_from={r['time_gap_from']}"
+            for target in ("hstu", "hstu_large"):
+                if r[f"{target}_hr@10_reached_s"] is not None:
+                    notes += f" {PUBLISHED[target]['hr@10']} at {r[f'{target}_hr@10_reached_s'] / 60:.0f}min"
             if r["published_hr@10_reached_s"] is not None:
                 notes += (f" published HR@10 reached at epoch {r['published_hr@10_reached_epoch']}, "
                           f"{r['published_hr@10_reached_s'] / 60:.0f}min")  # fmt: skip
@@ -183,6 +232,7 @@ def main() -> int:
             parser.error(f"--run {item}: expected MODEL=DIR with MODEL one of {', '.join(PUBLISHED)}")
         runs.append((model, Path(run_dir).resolve()))
     rows = report(runs)
+    rows += seed_summary(rows)
     figure = plot_curves(runs, "hr@10", ROOT / "benchmarks" / "results" / "ml1m_quality.png")
     if figure:
         print(f"test HR@10 curves: {figure}")

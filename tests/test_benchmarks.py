@@ -43,3 +43,16 @@ def test_time_to_gives_the_first_point_at_or_above_the_target():
     assert bench.time_to(curve, 0.25) == (50.0, 4)
     assert bench.time_to(curve, 0.31) == (None, None)
     assert bench.time_to([], 0.1) == (None, None)
+
+
+def test_seed_summary_groups_runs_that_differ_only_by_seed():
+    def row(seed, hr, gap="target", epochs=40):
+        values = {k: hr for k in bench.KEYS}
+        return {"model": "hstu", "source": f"runs/s{seed}", "input": "ratings.dat", "time_gap_from": gap,
+                "epochs": epochs, "negatives": "full", "train_split": "train_valid", "seed": seed, **values}  # fmt: skip
+
+    rows = [row(42, 0.30), row(7, 0.32), row(1, 0.34), row(42, 0.28, gap="input"), row(42, 0.5, epochs=60),
+            {"model": "hstu", "source": "published", **bench.PUBLISHED["hstu"]}]  # fmt: skip
+    (line,) = bench.seed_summary(rows)  # the input and 60-epoch runs have one seed each: no line
+    assert line["seeds"] == [42, 7, 1] and line["time_gap_from"] == "target"
+    assert abs(line["hr@10"] - 0.32) < 1e-12 and abs(line["hr@10_std"] - 0.02) < 1e-12
