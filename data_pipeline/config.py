@@ -152,9 +152,24 @@ class SplitConfig:
     # train row, as windows of up to max_seq_len + 1 items (several rows per user), so training can
     # use every interaction (trainer: data.older_windows=true). Valid and test targets never enter it.
     older_windows: bool = False
+    # Cold start: this fraction of the items (chosen by a hash of the raw item id and cold_items_seed,
+    # so the same items in every process and run) is held out of training entirely. Their
+    # interactions are removed from every row, except when one is a user's test target: those test
+    # users measure how well a model reaches items it never saw (through their text or semantic IDs).
+    # Users left with fewer than 3 interactions get no rows. The manifest lists the cold items
+    # (vocab/cold_items.parquet); evaluation reports them as test_cold/*. Leave-one-out only.
+    cold_items_fraction: float = 0.0
+    cold_items_seed: int = 0
 
     def validate(self) -> None:
         """Check values a type cannot express; raises ``ConfigError`` naming the key."""
+        if not 0.0 <= self.cold_items_fraction < 1.0:
+            raise ConfigError(
+                "split.cold_items_fraction",
+                f"got {self.cold_items_fraction}, expected a fraction in [0, 1) (0 turns cold start off)",
+            )
+        if self.cold_items_fraction > 0 and self.method != "leave_one_out":
+            raise ConfigError("split.cold_items_fraction", "only applies to split.method=leave_one_out")
         if self.method == "temporal" and self.temporal_cutoff is None:
             raise ConfigError("split.temporal_cutoff", "is required when split.method is 'temporal'")
         if self.valid_cutoff is not None:

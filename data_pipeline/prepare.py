@@ -55,8 +55,10 @@ from data_pipeline.transform import (
     SPLITS,
     bucket_of,
     build_split_rows,
+    cold_items,
     core_filter,
     dedup,
+    drop_cold_interactions,
     interaction_schema,
     output_schema,
     record_filters,
@@ -318,6 +320,11 @@ def _rows_task(
     item_dense = np.asarray(pc.index_in(table["item"], value_set=ray.get(items_raw)), dtype=np.int64) + 1
     assert (user_dense > 0).all() and (item_dense > 0).all(), "every kept id is in the vocabulary"
     stats: dict[str, int] = {}
+    if cfg.split.cold_items_fraction > 0:
+        cold = cold_items(table["item"], cfg.split.cold_items_fraction, cfg.split.cold_items_seed)
+        table, item_dense, kept_runs, cold_stats = drop_cold_interactions(table, item_dense, cold)
+        user_dense = user_dense[kept_runs]
+        stats.update(cold_stats)
     rows = build_split_rows(table, user_dense, item_dense, cfg.split, cfg.max_seq_len, has_timestamps)
     for name, (split_rows, num_truncated) in rows.items():
         write_arrow(split_rows.cast(out_schema), Path(work) / "rows" / name / f"b{bucket:05d}.arrow")
@@ -706,6 +713,31 @@ def _run_stages(
         time.perf_counter() - t0,
     )
 
+    cold_entry = None
+    if cfg.split.cold_items_fraction > 0:
+        is_cold = cold_items(items_vocab["raw_id"], cfg.split.cold_items_fraction, cfg.split.cold_items_seed)
+        cold_ids = pa.table({"dense_id": pa.array(np.flatnonzero(is_cold) + 1, pa.int64())})
+        write_parquet(cold_ids, out / "vocab" / "cold_items.parquet", 65536)
+        cold_entry = {
+            "path": "vocab/cold_items.parquet",
+            "fraction": cfg.split.cold_items_fraction,
+            "seed": cfg.split.cold_items_seed,
+            "num_items": cold_ids.num_rows,
+            **{
+                k: stats[k]
+                for k in ("cold_interactions_removed", "cold_test_targets", "cold_users_without_rows")
+            },
+        }
+        logger.info(
+            "cold start: %s of %s items held out of training; %s interactions removed; %s test targets are "
+            "cold; %s users left without rows",
+            f"{cold_ids.num_rows:,}",
+            f"{items_vocab.num_rows:,}",
+            f"{stats['cold_interactions_removed']:,}",
+            f"{stats['cold_test_targets']:,}",
+            f"{stats['cold_users_without_rows']:,}",
+        )
+
     # 6. write -----------------------------------------------------------------------------------------
     t0 = time.perf_counter()
     num_users = users_vocab.num_rows
@@ -770,6 +802,7 @@ def _run_stages(
         "splits": splits,
         "vocab": vocab_paths,
         "item_metadata": metadata_entry,
+        "cold_items": cold_entry,
         "num_buckets": num_buckets,
     }
 

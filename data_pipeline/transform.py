@@ -395,6 +395,41 @@ def user_counts(sorted_table: pa.Table) -> pa.Table:
 # Sequences and splits
 
 
+def cold_items(raw_items: pa.Array | pa.ChunkedArray, fraction: float, seed: int) -> np.ndarray:
+    """Which items the cold-start split holds out (``split.cold_items_fraction``): a boolean per raw
+    id, from a hash of ``"<seed>:<raw id>"``, so every process and every run agrees without state."""
+    if fraction <= 0:
+        return np.zeros(len(raw_items), dtype=bool)
+    keyed = pc.binary_join_element_wise(f"{seed}", _as_array(raw_items).cast(pa.string()), ":")
+    return stable_hash(keyed) < np.uint64(int(fraction * 2.0**64))
+
+
+def drop_cold_interactions(
+    table: pa.Table, item_dense: np.ndarray, cold: np.ndarray, min_length: int = 3
+) -> tuple[pa.Table, np.ndarray, np.ndarray, dict[str, int]]:
+    """Remove the interactions with cold items from a sorted bucket, except each user's last one
+    (the leave-one-out test target), then the users left with fewer than ``min_length``.
+
+    ``cold`` flags each interaction. Returns the kept table, the kept ``item_dense``, the kept
+    position of each surviving user run (indices into the input runs), and counts.
+    """
+    starts, lengths = user_runs(table["user"])
+    is_last = np.zeros(table.num_rows, dtype=bool)
+    is_last[starts + lengths - 1] = True
+    keep = ~cold | is_last
+    run_of = np.repeat(np.arange(len(starts)), lengths)
+    kept_per_run = np.bincount(run_of[keep], minlength=len(starts))
+    long_enough = kept_per_run >= min_length
+    keep &= long_enough[run_of]
+    stats = {
+        "cold_interactions_removed": int((cold & ~is_last).sum()),
+        "cold_test_targets": int((cold & is_last & long_enough[run_of]).sum()),
+        "cold_users_without_rows": int((~long_enough).sum()),
+    }
+    index = pa.array(np.flatnonzero(keep))
+    return table.take(index), item_dense[keep], np.flatnonzero(long_enough), stats
+
+
 def split_ranges(
     starts: np.ndarray, lengths: np.ndarray, timestamps: np.ndarray | None, split: SplitConfig
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:

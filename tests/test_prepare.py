@@ -23,7 +23,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.config import load_config
+from cluster.config import ConfigError, load_config
 from data_pipeline.config import PrepareConfig
 from data_pipeline.prepare import main, prepare
 from data_pipeline.writer import MARKER, sha256_file
@@ -734,3 +734,44 @@ def test_events_filter_and_exact_duplicate_dedup(tmp_path):
     (row,) = read_split(tmp_path / "out", manifest, "test")
     assert row["events"] == ["click", "click", "buy"] and row["timestamps"] == [1, 2, 4]
     assert "ratings" not in row
+
+
+def test_cold_start_split_holds_items_out_of_training(tmp_path):
+    """split.cold_items_fraction: the cold items appear in no train, valid or older row, only as test
+    targets; every other interaction stays, in order; the rows equal a brute-force rebuild."""
+    from data_pipeline.transform import cold_items
+
+    paths, interactions = random_log(tmp_path, seed=3)
+    overrides = [paths_override(paths), *CSV_COLUMNS, "max_seq_len=6", "split.older_windows=true"]
+    manifest = run(tmp_path / "out", [*overrides, "split.cold_items_fraction=0.3", "split.cold_items_seed=5"])
+    out = tmp_path / "out"
+    cold = set(pq.read_table(out / manifest["cold_items"]["path"])["dense_id"].to_pylist())
+    num_items = manifest["num_items"]
+    assert 0.15 * num_items < len(cold) < 0.45 * num_items, (len(cold), num_items)
+    # The same seed picks the same items in any process; another seed picks others.
+    raw = pq.read_table(out / "vocab/items.parquet")["raw_id"]
+    assert cold == {i + 1 for i in np.flatnonzero(cold_items(raw, 0.3, 5))}
+    assert cold != {i + 1 for i in np.flatnonzero(cold_items(raw, 0.3, 6))}
+
+    # Brute force: each user's full sequence (the uncut test row), cold items removed but the last.
+    full = reference(interactions, max_seq_len=10_000)["splits"]["test"]
+    expected: dict[str, list[tuple]] = {"train": [], "valid": [], "test": []}
+    num_cold_targets = 0
+    for uid, items, ts in full:
+        kept = [(i, t) for k, (i, t) in enumerate(zip(items, ts)) if i not in cold or k == len(items) - 1]
+        if len(kept) < 3:
+            continue
+        num_cold_targets += kept[-1][0] in cold
+        for name, end in (("train", len(kept) - 2), ("valid", len(kept) - 1), ("test", len(kept))):
+            part = kept[:end][-7:]
+            expected[name].append((uid, [i for i, _ in part], [t for _, t in part]))
+    assert output_rows(out, manifest) == expected
+    assert manifest["cold_items"]["cold_test_targets"] == num_cold_targets > 0
+    for r in read_split(out, manifest, "older"):
+        assert not cold & set(r["item_ids"]), r["user_id"]
+
+
+def test_cold_start_fraction_out_of_range_is_refused(tmp_path):
+    paths, _ = random_log(tmp_path, seed=3, num_users=10)
+    with pytest.raises(ConfigError, match=r"split.cold_items_fraction.*\[0, 1\)"):
+        run(tmp_path / "out", [paths_override(paths), *CSV_COLUMNS, "split.cold_items_fraction=1.5"])
