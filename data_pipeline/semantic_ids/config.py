@@ -36,9 +36,13 @@ class EmbedConfig:
     # None: "field: value" for every non-empty field, joined by "; ". Otherwise a str.format template
     # over the fields, e.g. "{title}. Brand: {brand}. {categories}" (a missing field becomes "").
     template: str | None = None
-    # Items whose fields are all empty: "error" stops with their count and ids. (A fallback to an item
-    # table of a trained HSTU/SASRec checkpoint is planned, not implemented.)
-    missing_text: Literal["error"] = "error"
+    # Items whose fields are all empty: "error" stops with their count and ids; "checkpoint" gives each
+    # the mean text vector of its fallback_neighbors nearest items with text, nearest in the item table
+    # of fallback_checkpoint (a checkpoint dir of an HSTU or SASRec run on the same prepared data,
+    # e.g. runs/hstu/checkpoints/step_00001234). See data_pipeline/semantic_ids/fallback.py.
+    missing_text: Literal["error", "checkpoint"] = "error"
+    fallback_checkpoint: str | None = None
+    fallback_neighbors: int = 10
     # Texts per encoder call inside an actor.
     batch_size: int = 128
     # Encoder actors (each holds one model copy) and the CPUs / GPUs each reserves.
@@ -71,7 +75,13 @@ class EmbedConfig:
                     raise ConfigError(
                         "embed.template", f"uses {{{name}}}, which is not in embed.fields {self.fields}"
                     )
-        for key in ("batch_size", "num_actors", "rows_per_file", "row_group_size"):
+        if self.missing_text == "checkpoint" and not self.fallback_checkpoint:
+            raise ConfigError(
+                "embed.fallback_checkpoint",
+                "is required when embed.missing_text=checkpoint: a checkpoint dir of an HSTU or SASRec run "
+                "on the same prepared data (runs/<run>/checkpoints/step_NNNNNNNN)",
+            )
+        for key in ("batch_size", "num_actors", "rows_per_file", "row_group_size", "fallback_neighbors"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"embed.{key}", f"got {getattr(self, key)}, expected >= 1")
         if self.num_cpus_per_actor <= 0 or self.num_gpus_per_actor < 0:

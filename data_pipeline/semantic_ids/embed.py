@@ -100,9 +100,9 @@ def _has_text_mask(table: pa.Table, fields: list[str]) -> np.ndarray:
     return has
 
 
-def check_item_text(data_dir: Path, fields: list[str]) -> int:
-    """Stream the metadata; raise one ValueError naming how many and which items have no text.
-    Returns the number of items."""
+def check_item_text(data_dir: Path, fields: list[str], allow_missing: bool = False) -> np.ndarray:
+    """Stream the metadata; raise one ValueError naming how many and which items have no text (unless
+    ``allow_missing``). Returns a boolean per dense id 0..num_items: has text (index 0, padding: False)."""
     meta_path = data_dir / "items" / "metadata.parquet"
     if not (data_dir / "manifest.json").is_file():
         raise ValueError(
@@ -122,6 +122,7 @@ def check_item_text(data_dir: Path, fields: list[str]) -> int:
         )
     num_items, num_missing, missing_ids = 0, 0, []
     expected_next = 1
+    has_text = [np.zeros(1, dtype=bool)]
     for batch in pf.iter_batches(batch_size=65536, columns=["dense_id", *fields]):
         table = pa.Table.from_batches([batch])
         dense = table["dense_id"].to_numpy()
@@ -129,19 +130,21 @@ def check_item_text(data_dir: Path, fields: list[str]) -> int:
             raise ValueError(f"{meta_path}: dense_id is not 1, 2, 3, ... in row order near row {num_items}")
         expected_next += dense.size
         no_text = ~_has_text_mask(table, fields)
+        has_text.append(~no_text)
         num_missing += int(no_text.sum())
         if len(missing_ids) < MAX_IDS_IN_ERROR:
             missing_ids.extend(dense[no_text][: MAX_IDS_IN_ERROR - len(missing_ids)].tolist())
         num_items += table.num_rows
-    if num_missing:
+    if num_missing and not allow_missing:
         raw = _raw_ids(data_dir, missing_ids)
         listed = ", ".join(f"{d} (raw {r!r})" for d, r in zip(missing_ids, raw))
         raise ValueError(
             f"{num_missing:,} of {num_items:,} items in {meta_path} have no text in embed.fields {fields} "
             f"(dense ids, first {len(missing_ids)}: {listed}). Add text for them to the prepare job's "
-            "input.item_metadata, or add fields that they have to embed.fields"
+            "input.item_metadata, add fields that they have to embed.fields, or set embed.missing_text=checkpoint "
+            "with embed.fallback_checkpoint (vectors from a trained HSTU/SASRec item table)"
         )
-    return num_items
+    return np.concatenate(has_text)
 
 
 def _raw_ids(data_dir: Path, dense_ids: list[int]) -> list[str]:
@@ -241,7 +244,9 @@ def embed_items(cfg: SemanticIdConfig) -> dict[str, Any]:
         )
     model_path = resolve_model_path(ecfg.model)
     t0 = time.perf_counter()
-    num_items = check_item_text(data_dir, ecfg.fields)
+    has_text = check_item_text(data_dir, ecfg.fields, allow_missing=ecfg.missing_text == "checkpoint")
+    num_items = len(has_text) - 1
+    missing_ids = np.flatnonzero(~has_text[1:]) + 1
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -292,6 +297,9 @@ def embed_items(cfg: SemanticIdConfig) -> dict[str, Any]:
     files = writer.finish()
     if num_written != num_items:
         raise RuntimeError(f"wrote {num_written} embeddings for {num_items} items")
+    fallback = None
+    if len(missing_ids):
+        fallback = _apply_fallback(ecfg, tmp, files, has_text, missing_ids)
     digest = hashlib.sha256("".join(f["sha256"] for f in files).encode()).hexdigest()
     manifest = {
         "format": FORMAT,
@@ -305,6 +313,7 @@ def embed_items(cfg: SemanticIdConfig) -> dict[str, Any]:
         "sha256": digest,
         "data_dir": str(data_dir),
         "num_read_blocks": num_blocks,
+        "missing_text": fallback,
         "seconds": round(time.perf_counter() - t0, 2),
     }
     if out.exists():
@@ -313,6 +322,41 @@ def embed_items(cfg: SemanticIdConfig) -> dict[str, Any]:
     write_json_atomic(manifest, out / MANIFEST)
     logger.info("embed: %s items, dim %s, %.1fs -> %s", f"{num_items:,}", dim, manifest["seconds"], out)
     return manifest
+
+
+def _apply_fallback(
+    ecfg: EmbedConfig, tmp: Path, files: list[dict[str, Any]], has_text: np.ndarray, missing_ids: np.ndarray
+) -> dict[str, Any]:
+    """Replace the vectors of items without text in the written parts (``embed.missing_text=checkpoint``)."""
+    from data_pipeline.semantic_ids.fallback import (
+        fallback_vectors,
+        load_checkpoint_item_table,
+        replace_vectors,
+    )
+
+    table_ID = load_checkpoint_item_table(ecfg.fallback_checkpoint)
+    num_items = len(has_text) - 1
+    if table_ID.shape[0] != num_items + 1:
+        raise ValueError(
+            f"embed.fallback_checkpoint: {ecfg.fallback_checkpoint} has {table_ID.shape[0] - 1:,} items, the prepared "
+            f"data {num_items:,}; use a checkpoint of a run on this data directory"
+        )
+    paths = [tmp / f["path"] for f in files]
+    vectors_MD = fallback_vectors(table_ID, missing_ids, has_text, paths, ecfg.fallback_neighbors)
+    rewritten = replace_vectors(paths, dict(zip(missing_ids.tolist(), vectors_MD)), ecfg.row_group_size)
+    for f in files:
+        if tmp / f["path"] in rewritten:
+            f["sha256"] = sha256_file(tmp / f["path"])
+    logger.info(
+        "embed: %s of %s items had no text; their vectors are the mean of %d neighbours' in %s",
+        f"{len(missing_ids):,}", f"{num_items:,}", ecfg.fallback_neighbors, ecfg.fallback_checkpoint,
+    )  # fmt: skip
+    return {
+        "policy": "checkpoint",
+        "checkpoint": str(Path(ecfg.fallback_checkpoint).resolve()),
+        "neighbors": ecfg.fallback_neighbors,
+        "num_items": int(len(missing_ids)),
+    }
 
 
 def write_embeddings(
