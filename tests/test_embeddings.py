@@ -68,3 +68,45 @@ def test_table_row_wise_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="embeddings.sharding_type.*table_row_wise.*row_wise") as err:
         build_item_table(cfg, num_items=30, embedding_dim=8, device=torch.device("cpu"), seed=0)
     assert "\n" not in str(err.value)
+
+
+def _global_mean_worker(rank: int, world_size: int, init_file: str, sharding: str) -> None:
+    from train.tasks.base import StepContext
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        cfg = EmbeddingTableConfig(sharding_type=sharding, optimizer="sgd", lr=1.0)
+        table = build_item_table(cfg, num_items=30, embedding_dim=8, device=torch.device("cpu"), seed=0)
+        ctx = StepContext(step=0, seed=0, rank=rank, world_size=world_size, device=torch.device("cpu"), dense=None,
+                          dense_dtype=torch.float32, grad_accum_steps=1, loss_scale=1.0)  # fmt: skip
+        gen = torch.Generator().manual_seed(rank)
+        num_local = 8
+        ids = torch.randint(1, 31, (num_local,), generator=gen)
+        direction = torch.randn(num_local, 8, generator=gen)
+        counts = [torch.zeros(1, dtype=torch.long) for _ in range(world_size)]
+        dist.all_gather(counts, torch.tensor([num_local]))
+        num_global = int(sum(c.item() for c in counts))
+        before = gather_full_table(table, torch.device("cpu"))
+        # The trainer's loss: this rank's sum times world / global count (so that averaging over ranks,
+        # as DDP does for the dense model, gives the global mean).
+        loss = (ctx.lookup(table, ids) * direction).sum() * world_size / num_global
+        loss.backward()
+        table.step()
+        change = gather_full_table(table, torch.device("cpu")) - before
+        all_ids = [torch.zeros_like(ids) for _ in range(world_size)]
+        all_dirs = [torch.zeros_like(direction) for _ in range(world_size)]
+        dist.all_gather(all_ids, ids)
+        dist.all_gather(all_dirs, direction)
+        expected = torch.zeros_like(before)
+        expected.index_add_(0, torch.cat(all_ids), -torch.cat(all_dirs) / num_global)
+        torch.testing.assert_close(change, expected, rtol=1e-5, atol=1e-6)
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.parametrize("sharding", ["row_wise", "table_wise", "column_wise", "data_parallel"])
+def test_table_gets_the_global_mean_gradient(tmp_path, sharding):
+    """With SGD (not scale-invariant like Adam or Adagrad), one step moves each row by exactly the
+    global-batch mean gradient, whatever the sharding: TorchRec's own division by the world size in
+    the model-parallel backward and DDP's averaging of a replicated table both accounted for."""
+    mp.spawn(_global_mean_worker, args=(2, str(tmp_path / "rendezvous"), sharding), nprocs=2, join=True)

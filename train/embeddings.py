@@ -89,11 +89,6 @@ class ShardedItemTable:
         """The table's optimizer, keyed by parameter name (for checkpoints)."""
         return self.replicated_optimizer or self.module.fused_optimizer
 
-    @property
-    def grad_sum_over_ranks(self) -> bool:
-        """True when the table's gradient is the sum over ranks (model parallel), False when DDP averages."""
-        return not self.data_parallel
-
     def step(self) -> None:
         """After backward: step a data_parallel table's optimizer (fused tables already stepped)."""
         if self.replicated_optimizer is not None:

@@ -52,8 +52,8 @@ class StepContext:
     """What a training step of a task may use besides its batch.
 
     ``dense`` is the DeepSpeed engine (call it like the module: its hooks must see the forward).
-    ``sparse_grad_scale(table)`` is the factor a table lookup's gradient needs so that the table gets
-    the same global mean gradient as the dense model (see ``train/trainer.py``); ``lookup`` applies it.
+    ``lookup`` scales a table lookup's gradient so that the table gets the same global mean gradient as
+    the dense model (tests/test_embeddings.py checks it with SGD on every sharding type).
     """
 
     step: int  # micro-steps done before this one
@@ -68,9 +68,12 @@ class StepContext:
 
     def lookup(self, table: ShardedItemTable, ids: Tensor) -> Tensor:
         """Embeddings of ``ids`` through the sharded ``table``, gradient-scaled for the global mean."""
-        # Model-parallel tables sum the ranks' gradients (so divide by world); DDP averages data_parallel ones.
-        scale = self.grad_accum_steps / (self.world_size if table.grad_sum_over_ranks else 1)
-        return _ScaleGrad.apply(lookup(table, ids, self.device), scale / self.loss_scale)
+        # The loss is this rank's sum x world / global targets, so that averaging over ranks gives the
+        # global mean. Every table does average: DDP for data_parallel ones, and TorchRec's all-to-all
+        # backward for model-parallel ones (it divides by the world size: comm_ops.GRADIENT_DIVISION).
+        # Only DeepSpeed's 1/grad_accum_steps and fp16's loss scale, which the table never sees, are undone.
+        scale = self.grad_accum_steps / self.loss_scale
+        return _ScaleGrad.apply(lookup(table, ids, self.device), scale)
 
 
 @dataclass
