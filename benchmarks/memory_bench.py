@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/memory_bench.py            # all sections
     PYTHONPATH=. python benchmarks/memory_bench.py --only dense
     PYTHONPATH=. python benchmarks/memory_bench.py --only tables
+    PYTHONPATH=. python benchmarks/memory_bench.py --only dense --configs hstu-ckpt "H100 hstu-24L-ckpt"
 
 Sections:
 
@@ -52,6 +53,7 @@ from cluster.memory import (  # noqa: E402
     embedding_bytes,
     fmt_bytes,
     loss_bytes,
+    pending_rows_grad_bytes,
 )
 from cluster.memory_measure import measure_dense_step  # noqa: E402
 
@@ -64,7 +66,10 @@ DENSE_GRID = [
     ("hstu-full", "hstu", 64, 2, 1, 64, [100] * 30, "full", 0, 3706, 0.0, False, False),
     ("hstu-perpos", "hstu", 64, 2, 1, 64, [50] * 20, "per_position", 128, 3706, 0.0, False, False),
     ("hstu-ckpt", "hstu", 64, 4, 2, 32, [200] * 16, "shared", 256, 2000, 0.0, True, False),
+    ("hstu-ckpt-wide", "hstu", 64, 4, 4, 64, [20] * 160, "shared", 256, 2000, 0.0, True, False),
+    ("hstu-ckpt-drop", "hstu", 64, 2, 2, 32, [120] * 24, "in_batch", 0, 2000, 0.2, True, False),
     ("sasrec", "sasrec", 64, 2, 1, 64, [100] * 40, "shared", 256, 2000, 0.0, False, False),
+    ("sasrec-ckpt", "sasrec", 64, 2, 1, 64, [100] * 40, "shared", 16, 2000, 0.0, True, False),
     ("sasrec-wide", "sasrec", 256, 2, 4, 64, [50] * 40, "shared", 256, 2000, 0.2, False, False),
     # FakeTensorMode, bf16: GPU-sized steps (tens of GiB) measured without allocating them.
     ("H100 hstu-24L", "hstu", 512, 24, 8, 64, [1024] * 16, "shared", 4096, 10**6, 0.0, False, True),
@@ -88,9 +93,11 @@ DENSE_GRID = [
 ]
 
 
-def dense_rows() -> list[dict]:
+def dense_rows(configs: list[str] | None = None) -> list[dict]:
     out = []
     for label, family, d, blocks, heads, dh, lengths, neg, k, items, drop, ckpt, fake in DENSE_GRID:
+        if configs and label not in configs:
+            continue
         dims = ModelDims(family, d, blocks, heads, dh, dh, max(lengths), dropout=drop, use_time_bias=False)
         dtype = torch.bfloat16 if fake else torch.float32
         b = 2 if fake else 4
@@ -104,9 +111,13 @@ def dense_rows() -> list[dict]:
         negs = {"shared": k, "per_position": batch.num_tokens * k, "full": items, "in_batch": 0}[neg]
         rows = (2 * batch.num_tokens + negs) * d * 4
         loss = loss_bytes(batch, d, neg, k, items)
-        # Checkpointing: the recomputed layer (with the harness's rows' gradient) or the loss buffers,
-        # whichever is larger (estimate_memory's "recompute" term).
-        loss_or_recompute = max(loss, act.pop("recompute", 0) + (rows if ckpt else 0))
+        # Checkpointing: the recomputed layer with the target and negative rows' gradients, or the loss
+        # buffers, whichever is larger (estimate_memory's "recompute" term). The harness's ``query``
+        # (fp32 [T, D]) lives through its backward; the trainer's train_loss returns before it.
+        loss_or_recompute = loss
+        if ckpt:
+            pending = pending_rows_grad_bytes(batch, d, neg, k, items)
+            loss_or_recompute = max(loss, act.pop("recompute") + pending + 4 * batch.num_tokens * d)
         predicted = {
             "params": dense_bytes(p, 0, 1, "fp32")["dense_params"] * b // 4,
             "optimizer": 2 * b * p,  # torch AdamW's moments in the parameters' dtype
@@ -355,12 +366,15 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", choices=["dense", "tables", "zero"], default=None)
+    parser.add_argument(
+        "--configs", nargs="*", default=None, help="dense configs to run (labels of DENSE_GRID; default all)"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_bench.json"))
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows: list[dict] = []
     if args.only in (None, "dense"):
-        rows += dense_rows()
+        rows += dense_rows(args.configs)
     if args.only in (None, "tables"):
         rows += table_rows()
     if args.only in (None, "zero"):
