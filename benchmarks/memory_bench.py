@@ -15,6 +15,9 @@ Sections:
     Predicted: dense_params, the harness's optimizer (torch AdamW: two moments in the parameters'
     dtype; DeepSpeed's fp32 state is the ``zero`` section's business), activations + attention +
     loss, and the harness's looked-up rows (one leaf [2T + negatives, D] fp32 and its gradient).
+``tiger`` — TIGER's encoder-decoder (``train.models.tiger.Tiger``), its cross-entropy and AdamW for one
+    step under MemTracker (``measure_tiger_step``), against ``TigerMemory`` (``train/tasks/tiger.py``,
+    reached through ``TigerTask.memory_model``) with CPU kernels (``device_type="cpu"``).
 ``tables`` — real TorchRec sharded item tables (``train.embeddings.build_item_table``) on 2 gloo
     processes for each sharding type and table optimizer: bytes of the rank's local shards and of
     its fused optimizer state (and data_parallel's dense gradient after a backward), worst rank,
@@ -151,6 +154,68 @@ def dense_rows(configs: list[str] | None = None) -> list[dict]:
                 "target": 0.15 if label == "small" else 0.10,
             }
         )
+        print(f"  measured {label} in {seconds:.1f}s", flush=True)
+        gc.collect()
+    return out
+
+
+# ------------------------------------------------------------------------------------- tiger
+
+# (label, TigerConfig overrides, codebook sizes, examples E, fake). Every example has the full history,
+# so the encoder reads S = 1 + L max_history_items tokens. fp32 throughout: on CPU, PyTorch's math
+# attention kernel and RMSNorm upcast bf16 to fp32 internally, which GPUs' kernels do not, so a bf16
+# run here would measure CPU kernels rather than the CUDA path (fused attention) the planner models.
+TIGER_GRID = [
+    ("tiger-paper", dict(dropout=0.1), [256, 256, 256, 8], 128, False),  # the paper's sizes, 20 items
+    ("tiger-nodrop", dict(dropout=0.0, max_history_items=10), [256, 256, 256, 8], 256, False),
+    (
+        "H100 tiger-wide",
+        dict(d_model=512, num_heads=8, head_dim=64, d_ff=2048, num_encoder_layers=8, num_decoder_layers=8),
+        [1024, 1024, 1024, 16],
+        512,
+        True,
+    ),  # fmt: skip
+]
+
+
+def tiger_rows(configs: list[str] | None = None) -> list[dict]:
+    """TIGER's encoder-decoder step (``measure_tiger_step``) against ``TigerMemory`` (train/tasks/tiger.py)."""
+    from cluster.memory_measure import measure_tiger_step
+    from train.models.tiger import TigerConfig
+    from train.tasks.tiger import TigerMemory
+
+    out = []
+    for label, overrides, codebooks, examples, fake in TIGER_GRID:
+        if configs and label not in configs:
+            continue
+        cfg = TigerConfig(**overrides)
+        family = TigerMemory(cfg, codebooks)
+        batch = family.batch_bound(examples)
+        b = 4
+        t0 = time.perf_counter()
+        m = measure_tiger_step(cfg, codebooks, examples, batch.max_len, fake=fake)
+        seconds = time.perf_counter() - t0
+        # CPU kernels (the harness runs on CPU, FakeTensorMode included): device_type="cpu".
+        terms = family.step_terms(batch, num_items=0, dtype_bytes=b, checkpointing=False, has_timestamps=False,
+                                  device_type="cpu")  # fmt: skip
+        tokens = examples * (batch.max_len + family.num_levels)
+        p = family.num_params()
+        predicted = {
+            "params": b * p,
+            "optimizer": 2 * b * p,
+            "activations": terms["activations"] + terms["attention"] + terms["loss"],
+            "lookup rows": 4 * tokens * cfg.d_model,  # the harness's one fp32 leaf
+        }  # fmt: skip
+        measured = {
+            "params": m.params,
+            "optimizer": m.optimizer,
+            "activations": m.activations,
+            "lookup rows": m.other,
+        }
+        out.append({"section": "tiger", "config": label, "mode": "fake fp32" if fake else "real fp32",
+                    "tokens": batch.padded_tokens, "sum_l2": batch.padded_squares, "predicted": predicted,
+                    "measured": measured, "predicted_total": sum(predicted.values()), "measured_total": m.total,
+                    "seconds": round(seconds, 1), "target": 0.10})  # fmt: skip
         print(f"  measured {label} in {seconds:.1f}s", flush=True)
         gc.collect()
     return out
@@ -350,8 +415,11 @@ def print_table(rows: list[dict]) -> None:
         row["total_error"] = err
         row["within_target"] = abs(err) <= row["target"]
         flag = "ok" if row["within_target"] else "MISS"
-        print(f"\n[{row['section']}] {row['config']} ({row['mode']})"
-              + (f", T={row['tokens']}, sum l^2={row['sum_l2']}" if "tokens" in row else ""))  # fmt: skip
+        shape = ""
+        if "tokens" in row:
+            shape = (f", encoder tokens={row['tokens']}, E S^2={row['sum_l2']}" if row["section"] == "tiger"
+                     else f", T={row['tokens']}, sum l^2={row['sum_l2']}")  # fmt: skip
+        print(f"\n[{row['section']}] {row['config']} ({row['mode']}){shape}")
         print(f"  {'term':<22}{'predicted':>14}{'measured':>14}{'error':>9}")
         for term in row["predicted"]:
             p, m = row["predicted"][term], row["measured"][term]
@@ -365,9 +433,12 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["dense", "tables", "zero"], default=None)
+    parser.add_argument("--only", choices=["dense", "tiger", "tables", "zero"], default=None)
     parser.add_argument(
-        "--configs", nargs="*", default=None, help="dense configs to run (labels of DENSE_GRID; default all)"
+        "--configs",
+        nargs="*",
+        default=None,
+        help="dense / tiger configs to run (labels of DENSE_GRID, TIGER_GRID; default all)",
     )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_bench.json"))
     args = parser.parse_args()
@@ -375,6 +446,8 @@ def main() -> None:
     rows: list[dict] = []
     if args.only in (None, "dense"):
         rows += dense_rows(args.configs)
+    if args.only in (None, "tiger"):
+        rows += tiger_rows(args.configs)
     if args.only in (None, "tables"):
         rows += table_rows()
     if args.only in (None, "zero"):

@@ -60,6 +60,7 @@ Everything here is pure arithmetic (no tensors), so the planner can call it thou
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -138,12 +139,13 @@ def model_dims(cfg) -> ModelDims:
     """``TrainConfig`` -> ``ModelDims``. The only function that reads ``cfg.model``.
 
     ``cfg.model`` is the family's own dataclass (``HSTUConfig`` or ``SASRecConfig``; SASRec's
-    feed-forward width ``ffn_dim`` plays the role of ``linear_dim``). TIGER has no memory terms yet.
+    feed-forward width ``ffn_dim`` plays the role of ``linear_dim``). Other families bring their own
+    ``FamilyMemory`` (``family_memory``).
     """
     m = cfg.model
-    if m.name not in ("hstu", "sasrec"):
+    if m.name not in ACTIVATION_MODELS:
         raise ValueError(
-            f"the memory model covers model.name=hstu and sasrec; {m.name} has no terms yet (plan its batch by hand)"
+            f"model_dims covers the retrieval encoders ({', '.join(ACTIVATION_MODELS)}), not {m.name}"
         )
     section = m
     return ModelDims(
@@ -581,6 +583,138 @@ def margin_bytes(total: int) -> int:
     return int(MARGIN_FRACTION * total) + MARGIN_FIXED_BYTES
 
 
+# ------------------------------------------------------------------------------ model families
+
+
+class FamilyMemory(abc.ABC):
+    """A model family's part of the memory model: its table and dense shapes, its per-step terms.
+
+    A family provides one through its task (``Task.memory_model(cfg)``, ``train/tasks/``), so the
+    planner and ``estimate_memory`` reach every family through the task registry: the retrieval task
+    (HSTU, SASRec) returns ``RetrievalMemory`` below, TIGER its own (``train/tasks/tiger.py``).
+    ``device_type`` is ``"cuda"`` when planning (fused attention kernels, bool dropout masks) and
+    ``"cpu"`` to compare with CPU measurements (``benchmarks/memory_bench.py``).
+    """
+
+    name: str
+    max_seq_len: int  # the longest model input of a row, in items (the unit of token budgets)
+    supports_checkpointing: bool = True  # schedule.activation_checkpointing can wrap its layers
+
+    @abc.abstractmethod
+    def table_shape(self, num_items: int) -> tuple[int, int]:
+        """(rows, embedding width) of the family's TorchRec table."""
+
+    @abc.abstractmethod
+    def num_params(self) -> int:
+        """Parameters of the dense module (the DeepSpeed engine's)."""
+
+    @abc.abstractmethod
+    def largest_layer_params(self) -> int:
+        """Parameters of the largest layer (ZeRO-3 gathers a layer at a time)."""
+
+    @abc.abstractmethod
+    def batch_from_lengths(self, lengths) -> BatchShape:
+        """The exact shape of a batch whose rows have model-input lengths ``lengths``."""
+
+    @abc.abstractmethod
+    def batch_bound(self, num_tokens: int, sum_squares: int | None = None) -> BatchShape:
+        """The worst batch a token budget (and attention-cost budget) admits."""
+
+    @abc.abstractmethod
+    def step_terms(
+        self, batch: BatchShape, *, num_items: int, dtype_bytes: int, checkpointing: bool,
+        has_timestamps: bool, device_type: str,
+    ) -> dict[str, int]:  # fmt: skip
+        """Per-step terms: ``lookup``, ``activations``, ``attention``, ``loss`` and, with
+        checkpointing, ``recompute`` (the excess of backward's recompute phase over the rest)."""
+
+    @abc.abstractmethod
+    def step_flops(self, batch: BatchShape, num_items: int) -> float:
+        """Forward + backward FLOPs of one micro-step (the planner's cost model)."""
+
+    @abc.abstractmethod
+    def lookup_rows(self, batch: BatchShape, num_items: int) -> int:
+        """Table rows one micro-step looks up (the lookup's all-to-all traffic)."""
+
+
+class RetrievalMemory(FamilyMemory):
+    """HSTU and SASRec under the retrieval task: an item table, the encoder, a softmax over items."""
+
+    def __init__(self, dims: ModelDims, negatives: str, num_negatives: int):
+        self.dims, self.negatives, self.num_negatives = dims, negatives, num_negatives
+        self.name, self.max_seq_len = dims.name, dims.max_seq_len
+
+    @classmethod
+    def from_config(cls, cfg) -> RetrievalMemory:
+        return cls(model_dims(cfg), cfg.loss.negatives, cfg.loss.num_negatives)
+
+    def table_shape(self, num_items: int) -> tuple[int, int]:
+        return num_items + 1, self.dims.embedding_dim
+
+    def num_params(self) -> int:
+        return self.dims.num_params()
+
+    def largest_layer_params(self) -> int:
+        return self.dims.largest_layer_params()
+
+    def batch_from_lengths(self, lengths) -> BatchShape:
+        return BatchShape.from_lengths(lengths, self.name)
+
+    def batch_bound(self, num_tokens: int, sum_squares: int | None = None) -> BatchShape:
+        return BatchShape.bound(num_tokens, self.max_seq_len, self.name, sum_squares)
+
+    def step_terms(
+        self, batch: BatchShape, *, num_items: int, dtype_bytes: int, checkpointing: bool,
+        has_timestamps: bool, device_type: str,
+    ) -> dict[str, int]:  # fmt: skip
+        dims, neg, k = self.dims, self.negatives, self.num_negatives
+        terms = {"lookup": lookup_bytes(batch, dims.embedding_dim, neg, k, num_items)}
+        # SASRec's fused kernels (flash on CUDA, CPU flash without attention dropout) keep no [N, N] tensor.
+        flash = device_type == "cuda" or dims.attn_dropout == 0
+        kwargs = {"flash": flash} if dims.name == "sasrec" else {}
+        act = dict(
+            ACTIVATION_MODELS[dims.name](dims, batch, dtype_bytes, checkpointing, has_timestamps, **kwargs)
+        )
+        recompute = act.pop("recompute", 0)
+        terms.update(act)
+        terms["loss"] = loss_bytes(batch, dims.embedding_dim, neg, k, num_items)
+        if checkpointing:
+            # Recomputed layers live after the loss buffers are freed, beside the target and negative
+            # rows' gradients (see _checkpointed).
+            pending = pending_rows_grad_bytes(batch, dims.embedding_dim, neg, k, num_items)
+            terms["recompute"] = max(0, recompute + pending - terms["loss"])
+        return terms
+
+    def _negatives(self, batch: BatchShape, num_items: int) -> int:
+        t, k = batch.num_tokens, self.num_negatives
+        return {"shared": k, "per_position": t * k, "in_batch": 0, "full": num_items}[self.negatives]
+
+    def step_flops(self, batch: BatchShape, num_items: int) -> float:
+        """``6 P_layers T + 6 L (E + F) S + 6 T C D`` (matmuls, attention over the padded pairs S, the
+        loss over C scored items per position)."""
+        dims, t = self.dims, batch.num_tokens
+        p_layers = dims.num_params() - dims.max_seq_len * dims.embedding_dim
+        e = dims.num_heads * dims.attention_dim if dims.name == "hstu" else dims.embedding_dim
+        f = dims.num_heads * dims.linear_dim if dims.name == "hstu" else dims.embedding_dim
+        scored = t if self.negatives == "in_batch" else self.num_negatives
+        scored = num_items if self.negatives == "full" else scored
+        flops = 6 * p_layers * t + 6 * dims.num_blocks * (e + f) * batch.padded_squares
+        return flops + 6 * t * scored * dims.embedding_dim
+
+    def lookup_rows(self, batch: BatchShape, num_items: int) -> int:
+        return min(2 * batch.num_tokens + self._negatives(batch, num_items), num_items + 1)
+
+
+def family_memory(cfg) -> FamilyMemory:
+    """The memory model of ``cfg.model.name``'s family, from its task (``train.tasks.TASKS``)."""
+    from train.tasks import TASKS
+
+    task = TASKS.get(cfg.model.name)
+    if task is None:
+        raise ValueError(f"model.name={cfg.model.name!r}: no task; known: {', '.join(TASKS)}")
+    return task.memory_model(cfg)
+
+
 def estimate_memory(
     cfg,
     *,
@@ -591,40 +725,38 @@ def estimate_memory(
     precision: str = "bf16",
     checkpointing: bool = False,
     has_timestamps: bool = False,
-    flash_attention: bool = True,
+    device_type: str = "cuda",
+    family: FamilyMemory | None = None,
 ) -> MemoryEstimate:
-    """All terms for ``cfg`` (a ``TrainConfig``) on one rank of ``world_size`` with ``batch``."""
-    dims = model_dims(cfg)
+    """All terms for ``cfg`` (a ``TrainConfig``) on one rank of ``world_size`` with ``batch``.
+
+    ``family``: the model family's memory model (default: ``family_memory(cfg)``; the planner passes
+    it once for its many candidates).
+    """
+    family = family or family_memory(cfg)
+    if checkpointing and not family.supports_checkpointing:
+        raise ValueError(
+            f"model.name={family.name}: activation checkpointing is not available for this family"
+        )
     emb = cfg.embeddings
+    rows, width = family.table_shape(num_items)
     terms = dict(
         embedding_bytes(
-            num_items + 1, dims.embedding_dim, emb.sharding_type, emb.optimizer, world_size,
-            local_world_size, emb.min_partition,
+            rows, width, emb.sharding_type, emb.optimizer, world_size, local_world_size, emb.min_partition
         )
-    )  # fmt: skip
-    neg, k = cfg.loss.negatives, cfg.loss.num_negatives
-    terms["lookup"] = lookup_bytes(batch, dims.embedding_dim, neg, k, num_items)
+    )
     terms.update(
         dense_bytes(
-            dims.num_params(), cfg.zero.stage, world_size, precision, cfg.zero.offload_optimizer,
-            cfg.zero.offload_params, dims.largest_layer_params(), DEEPSPEED_REDUCE_BUCKET,
+            family.num_params(), cfg.zero.stage, world_size, precision, cfg.zero.offload_optimizer,
+            cfg.zero.offload_params, family.largest_layer_params(), DEEPSPEED_REDUCE_BUCKET,
         )
     )  # fmt: skip
-    fn = ACTIVATION_MODELS.get(dims.name)
-    if fn is None:
-        raise ValueError(
-            f"model.name={dims.name!r} has no activation model; register one in cluster.memory.ACTIVATION_MODELS"
+    terms.update(
+        family.step_terms(
+            batch, num_items=num_items, dtype_bytes=DTYPE_BYTES[precision], checkpointing=checkpointing,
+            has_timestamps=has_timestamps, device_type=device_type,
         )
-    kwargs = {"flash": flash_attention} if dims.name == "sasrec" else {}
-    act = dict(fn(dims, batch, DTYPE_BYTES[precision], checkpointing, has_timestamps, **kwargs))
-    recompute = act.pop("recompute", 0)
-    terms.update(act)
-    terms["loss"] = loss_bytes(batch, dims.embedding_dim, neg, k, num_items)
-    if checkpointing:
-        # Recomputed layers live after the loss buffers are freed, beside the target and negative
-        # rows' gradients (see _checkpointed).
-        pending = pending_rows_grad_bytes(batch, dims.embedding_dim, neg, k, num_items)
-        terms["recompute"] = max(0, recompute + pending - terms["loss"])
+    )  # fmt: skip
     return MemoryEstimate(terms)
 
 

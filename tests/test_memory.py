@@ -16,8 +16,8 @@ from cluster.memory import (
     hstu_activations,
     loss_bytes,
     model_dims,
-    pending_rows_grad_bytes,
     parse_bytes,
+    pending_rows_grad_bytes,
     stored_width,
 )
 from train.config import load_train_config
@@ -201,7 +201,9 @@ def test_checkpointed_terms_match_memtracker(name, heads, lengths, num_negatives
     from cluster.memory_measure import measure_dense_step
 
     dims = ModelDims(name, 64, 4, heads, 32 if name == "hstu" else 64, 32 if name == "hstu" else 64, 256)
-    measured = measure_dense_step(dims, lengths, num_negatives=num_negatives, num_items=2000, checkpointing=True)
+    measured = measure_dense_step(
+        dims, lengths, num_negatives=num_negatives, num_items=2000, checkpointing=True
+    )
     batch = BatchShape.from_lengths(lengths, name)
     act = ACTIVATION_MODELS[name](dims, batch, 4, True)
     loss = loss_bytes(batch, 64, "shared", num_negatives, 2000)
