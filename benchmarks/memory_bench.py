@@ -253,7 +253,7 @@ def _table_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
     from train.config import EmbeddingTableConfig
     from train.distributed import destroy_distributed
-    from train.embeddings import WEIGHT_KEY, build_item_table, lookup
+    from train.embeddings import build_item_table, lookup
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
@@ -263,7 +263,7 @@ def _table_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
             table = build_item_table(cfg, TABLE_ROWS - 1, TABLE_DIM, torch.device("cpu"), seed=0)
             ids = torch.randint(1, TABLE_ROWS, (64,))
             lookup(table, ids, torch.device("cpu")).sum().backward()  # a step creates the state
-            weights = _tensor_bytes(table.module.state_dict()[WEIGHT_KEY])
+            weights = _tensor_bytes(table.module.state_dict()[table.weight_key])
             state = table.optimizer.state_dict()["state"]
             opt_bytes = _tensor_bytes(state)
             grads = 0
