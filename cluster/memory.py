@@ -1,11 +1,18 @@
 """Per-rank GPU memory model of one training step: every term separately, in bytes.
 
-    dims = model_dims(cfg)                                   # the one place that reads cfg.model
-    batch = BatchShape.from_lengths(lengths, "hstu")         # or BatchShape.bound(tokens, max_len)
+    family = family_memory(cfg)                              # the model family's terms, from its task
+    batch = family.batch_from_lengths(lengths)               # or family.batch_bound(tokens)
     est = estimate_memory(cfg, world_size=8, local_world_size=8, num_items=10**8, batch=batch)
     est.terms["embedding_optimizer"], est.total, est.with_margin
 
-Terms (all per rank, the worst rank where ranks differ):
+Model families. The terms that depend on the family (its table's shape, dense parameters, and
+the per-step ``lookup``, ``activations``, ``attention``, ``loss``, ``recompute``) come from a
+``FamilyMemory`` its task returns (``Task.memory_model(cfg)``, chosen by ``model.name`` in the task
+registry ``train/tasks/__init__.py``): ``RetrievalMemory`` here for HSTU and SASRec (below), and
+``TigerMemory`` in ``train/tasks/tiger.py``. The table, ZeRO and margin terms are shared.
+
+Terms (all per rank, the worst rank where ranks differ; the per-step ones as the retrieval task has
+them, see ``TigerMemory`` for TIGER's):
 
 ``embedding_weights`` / ``embedding_optimizer`` / ``embedding_grads``
     The item table's shard and its fused optimizer state under ``embeddings.sharding_type``. The

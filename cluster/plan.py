@@ -4,10 +4,10 @@
         --gpus-per-node 8 --nodes 4 --json runs/plan.json [key=value ...]
 
 For every candidate schedule (TorchRec sharding type x ZeRO stage 0-3 x optimizer / parameter
-offload x activation checkpointing x gradient accumulation) the memory model
-(``cluster/memory.py``) predicts the per-rank peak, with its margin, for the worst batch the
-token budget admits; the candidates that fit the GPU are ranked by a throughput estimate and the
-fastest wins. The chosen schedule is a list of config overrides (``Plan.overrides``).
+offload x activation checkpointing, where the family supports it, x gradient accumulation) the
+memory model (``cluster/memory.py``, the family's terms from its task) predicts the per-rank peak,
+with its margin, for the worst batch the token budget admits; the candidates that fit the GPU are
+ranked by a throughput estimate and the fastest wins. The chosen schedule is a list of config overrides (``Plan.overrides``).
 
 Global batch. The configured ``data.batch_size`` rows hold ``batch_size x mean input length``
 tokens (the mean from the data's manifest, else ``max_seq_len``). With accumulation A over W ranks
@@ -19,8 +19,9 @@ case of rows at the longest length), the bound the memory model assumes.
 
 Cost model (seconds per optimizer step, documented so that its choices can be checked):
 
-- compute per micro-step: ``6 P_layers T + 6 L (E + F) S + 6 T C D`` FLOPs (matmuls forward and
-  backward; attention over the padded pairs S; the loss over C negatives) at
+- compute per micro-step: the family's FLOPs (``FamilyMemory.step_flops``; for HSTU / SASRec
+  ``6 P_layers T + 6 L (E + F) S + 6 T C D``: matmuls forward and backward, attention over the
+  padded pairs S, the loss over C negatives; TIGER's in ``train/tasks/tiger.py``) at
   ``gpu_flops x mfu``; checkpointing re-runs the forward (x 4/3); plus ``step_overhead_s`` per
   micro-step (launches, the host), which is what makes fewer, larger micro-steps cheaper;
 - embedding lookup per micro-step: model-parallel tables move each looked-up row (width x 4
