@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/memory_bench.py            # all sections
     PYTHONPATH=. python benchmarks/memory_bench.py --only dense
     PYTHONPATH=. python benchmarks/memory_bench.py --only tables
+    PYTHONPATH=. python benchmarks/memory_bench.py --only dense --configs hstu-ckpt "H100 hstu-24L-ckpt"
 
 Sections:
 
@@ -14,6 +15,9 @@ Sections:
     Predicted: dense_params, the harness's optimizer (torch AdamW: two moments in the parameters'
     dtype; DeepSpeed's fp32 state is the ``zero`` section's business), activations + attention +
     loss, and the harness's looked-up rows (one leaf [2T + negatives, D] fp32 and its gradient).
+``tiger`` — TIGER's encoder-decoder (``train.models.tiger.Tiger``), its cross-entropy and AdamW for one
+    step under MemTracker (``measure_tiger_step``), against ``TigerMemory`` (``train/tasks/tiger.py``,
+    reached through ``TigerTask.memory_model``) with CPU kernels (``device_type="cpu"``).
 ``tables`` — real TorchRec sharded item tables (``train.embeddings.build_item_table``) on 2 gloo
     processes for each sharding type and table optimizer: bytes of the rank's local shards and of
     its fused optimizer state (and data_parallel's dense gradient after a backward), worst rank,
@@ -52,6 +56,7 @@ from cluster.memory import (  # noqa: E402
     embedding_bytes,
     fmt_bytes,
     loss_bytes,
+    pending_rows_grad_bytes,
 )
 from cluster.memory_measure import measure_dense_step  # noqa: E402
 
@@ -64,7 +69,10 @@ DENSE_GRID = [
     ("hstu-full", "hstu", 64, 2, 1, 64, [100] * 30, "full", 0, 3706, 0.0, False, False),
     ("hstu-perpos", "hstu", 64, 2, 1, 64, [50] * 20, "per_position", 128, 3706, 0.0, False, False),
     ("hstu-ckpt", "hstu", 64, 4, 2, 32, [200] * 16, "shared", 256, 2000, 0.0, True, False),
+    ("hstu-ckpt-wide", "hstu", 64, 4, 4, 64, [20] * 160, "shared", 256, 2000, 0.0, True, False),
+    ("hstu-ckpt-drop", "hstu", 64, 2, 2, 32, [120] * 24, "in_batch", 0, 2000, 0.2, True, False),
     ("sasrec", "sasrec", 64, 2, 1, 64, [100] * 40, "shared", 256, 2000, 0.0, False, False),
+    ("sasrec-ckpt", "sasrec", 64, 2, 1, 64, [100] * 40, "shared", 16, 2000, 0.0, True, False),
     ("sasrec-wide", "sasrec", 256, 2, 4, 64, [50] * 40, "shared", 256, 2000, 0.2, False, False),
     # FakeTensorMode, bf16: GPU-sized steps (tens of GiB) measured without allocating them.
     ("H100 hstu-24L", "hstu", 512, 24, 8, 64, [1024] * 16, "shared", 4096, 10**6, 0.0, False, True),
@@ -88,9 +96,11 @@ DENSE_GRID = [
 ]
 
 
-def dense_rows() -> list[dict]:
+def dense_rows(configs: list[str] | None = None) -> list[dict]:
     out = []
     for label, family, d, blocks, heads, dh, lengths, neg, k, items, drop, ckpt, fake in DENSE_GRID:
+        if configs and label not in configs:
+            continue
         dims = ModelDims(family, d, blocks, heads, dh, dh, max(lengths), dropout=drop, use_time_bias=False)
         dtype = torch.bfloat16 if fake else torch.float32
         b = 2 if fake else 4
@@ -104,9 +114,13 @@ def dense_rows() -> list[dict]:
         negs = {"shared": k, "per_position": batch.num_tokens * k, "full": items, "in_batch": 0}[neg]
         rows = (2 * batch.num_tokens + negs) * d * 4
         loss = loss_bytes(batch, d, neg, k, items)
-        # Checkpointing: the recomputed layer (with the harness's rows' gradient) or the loss buffers,
-        # whichever is larger (estimate_memory's "recompute" term).
-        loss_or_recompute = max(loss, act.pop("recompute", 0) + (rows if ckpt else 0))
+        # Checkpointing: the recomputed layer with the target and negative rows' gradients, or the loss
+        # buffers, whichever is larger (estimate_memory's "recompute" term). The harness's ``query``
+        # (fp32 [T, D]) lives through its backward; the trainer's train_loss returns before it.
+        loss_or_recompute = loss
+        if ckpt:
+            pending = pending_rows_grad_bytes(batch, d, neg, k, items)
+            loss_or_recompute = max(loss, act.pop("recompute") + pending + 4 * batch.num_tokens * d)
         predicted = {
             "params": dense_bytes(p, 0, 1, "fp32")["dense_params"] * b // 4,
             "optimizer": 2 * b * p,  # torch AdamW's moments in the parameters' dtype
@@ -145,6 +159,68 @@ def dense_rows() -> list[dict]:
     return out
 
 
+# ------------------------------------------------------------------------------------- tiger
+
+# (label, TigerConfig overrides, codebook sizes, examples E, fake). Every example has the full history,
+# so the encoder reads S = 1 + L max_history_items tokens. fp32 throughout: on CPU, PyTorch's math
+# attention kernel and RMSNorm upcast bf16 to fp32 internally, which GPUs' kernels do not, so a bf16
+# run here would measure CPU kernels rather than the CUDA path (fused attention) the planner models.
+TIGER_GRID = [
+    ("tiger-paper", dict(dropout=0.1), [256, 256, 256, 8], 128, False),  # the paper's sizes, 20 items
+    ("tiger-nodrop", dict(dropout=0.0, max_history_items=10), [256, 256, 256, 8], 256, False),
+    (
+        "H100 tiger-wide",
+        dict(d_model=512, num_heads=8, head_dim=64, d_ff=2048, num_encoder_layers=8, num_decoder_layers=8),
+        [1024, 1024, 1024, 16],
+        512,
+        True,
+    ),  # fmt: skip
+]
+
+
+def tiger_rows(configs: list[str] | None = None) -> list[dict]:
+    """TIGER's encoder-decoder step (``measure_tiger_step``) against ``TigerMemory`` (train/tasks/tiger.py)."""
+    from cluster.memory_measure import measure_tiger_step
+    from train.models.tiger import TigerConfig
+    from train.tasks.tiger import TigerMemory
+
+    out = []
+    for label, overrides, codebooks, examples, fake in TIGER_GRID:
+        if configs and label not in configs:
+            continue
+        cfg = TigerConfig(**overrides)
+        family = TigerMemory(cfg, codebooks)
+        batch = family.batch_bound(examples)
+        b = 4
+        t0 = time.perf_counter()
+        m = measure_tiger_step(cfg, codebooks, examples, batch.max_len, fake=fake)
+        seconds = time.perf_counter() - t0
+        # CPU kernels (the harness runs on CPU, FakeTensorMode included): device_type="cpu".
+        terms = family.step_terms(batch, num_items=0, dtype_bytes=b, checkpointing=False, has_timestamps=False,
+                                  device_type="cpu")  # fmt: skip
+        tokens = examples * (batch.max_len + family.num_levels)
+        p = family.num_params()
+        predicted = {
+            "params": b * p,
+            "optimizer": 2 * b * p,
+            "activations": terms["activations"] + terms["attention"] + terms["loss"],
+            "lookup rows": 4 * tokens * cfg.d_model,  # the harness's one fp32 leaf
+        }  # fmt: skip
+        measured = {
+            "params": m.params,
+            "optimizer": m.optimizer,
+            "activations": m.activations,
+            "lookup rows": m.other,
+        }
+        out.append({"section": "tiger", "config": label, "mode": "fake fp32" if fake else "real fp32",
+                    "tokens": batch.padded_tokens, "sum_l2": batch.padded_squares, "predicted": predicted,
+                    "measured": measured, "predicted_total": sum(predicted.values()), "measured_total": m.total,
+                    "seconds": round(seconds, 1), "target": 0.10})  # fmt: skip
+        print(f"  measured {label} in {seconds:.1f}s", flush=True)
+        gc.collect()
+    return out
+
+
 # ------------------------------------------------------------------------------------ tables
 
 TABLE_GRID = [
@@ -177,7 +253,7 @@ def _table_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
     from train.config import EmbeddingTableConfig
     from train.distributed import destroy_distributed
-    from train.embeddings import WEIGHT_KEY, build_item_table, lookup
+    from train.embeddings import build_item_table, lookup
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     results = {}
@@ -187,7 +263,7 @@ def _table_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
             table = build_item_table(cfg, TABLE_ROWS - 1, TABLE_DIM, torch.device("cpu"), seed=0)
             ids = torch.randint(1, TABLE_ROWS, (64,))
             lookup(table, ids, torch.device("cpu")).sum().backward()  # a step creates the state
-            weights = _tensor_bytes(table.module.state_dict()[WEIGHT_KEY])
+            weights = _tensor_bytes(table.module.state_dict()[table.weight_key])
             state = table.optimizer.state_dict()["state"]
             opt_bytes = _tensor_bytes(state)
             grads = 0
@@ -339,8 +415,11 @@ def print_table(rows: list[dict]) -> None:
         row["total_error"] = err
         row["within_target"] = abs(err) <= row["target"]
         flag = "ok" if row["within_target"] else "MISS"
-        print(f"\n[{row['section']}] {row['config']} ({row['mode']})"
-              + (f", T={row['tokens']}, sum l^2={row['sum_l2']}" if "tokens" in row else ""))  # fmt: skip
+        shape = ""
+        if "tokens" in row:
+            shape = (f", encoder tokens={row['tokens']}, E S^2={row['sum_l2']}" if row["section"] == "tiger"
+                     else f", T={row['tokens']}, sum l^2={row['sum_l2']}")  # fmt: skip
+        print(f"\n[{row['section']}] {row['config']} ({row['mode']}){shape}")
         print(f"  {'term':<22}{'predicted':>14}{'measured':>14}{'error':>9}")
         for term in row["predicted"]:
             p, m = row["predicted"][term], row["measured"][term]
@@ -354,13 +433,21 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--only", choices=["dense", "tables", "zero"], default=None)
+    parser.add_argument("--only", choices=["dense", "tiger", "tables", "zero"], default=None)
+    parser.add_argument(
+        "--configs",
+        nargs="*",
+        default=None,
+        help="dense / tiger configs to run (labels of DENSE_GRID, TIGER_GRID; default all)",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "memory_bench.json"))
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     rows: list[dict] = []
     if args.only in (None, "dense"):
-        rows += dense_rows()
+        rows += dense_rows(args.configs)
+    if args.only in (None, "tiger"):
+        rows += tiger_rows(args.configs)
     if args.only in (None, "tables"):
         rows += table_rows()
     if args.only in (None, "zero"):

@@ -17,10 +17,26 @@ stream; the statistics are the same). ``tokens``: ``train/token_batching.py`` wi
 tokens per rank and step (and, in ``tokens+cost``, an attention-cost budget of 1.25x the rows
 mode's mean cost).
 
-Speed: each mode also runs the real HSTU encoder (the ML-1M config's shape) forward and backward
-on each rank's batches on ``world`` gloo processes, with an all-reduce per step as the trainer's
-collectives impose, for ``--steps`` steps, and reports tokens/s. This is the encoder step only,
-not the full trainer (the trainer's ``data.batching=tokens`` wiring is the lead's).
+Speed, two measurements in the same run:
+
+- encoder: each mode runs the real HSTU encoder (the ML-1M config's shape) forward and backward on
+  each rank's batches on ``world`` gloo processes, with an all-reduce per step as the trainer's
+  collectives impose, for ``--steps`` steps, and reports tokens/s;
+- trainer (``--train-data DIR``, a prepared ML-1M, ``--train-steps`` > 0): the real trainer
+  (``torchrun -m train``, configs/hstu_ml1m.yaml, TorchRec + DeepSpeed on ``world`` processes) for
+  ``--train-steps`` optimizer steps with ``data.batching=rows`` (``data.batch_size`` rows per step)
+  and ``data.batching=tokens`` with the same tokens per step: a per-rank budget of
+  ``batch_size x mean input length / world`` (the planner's rule, ``cluster/plan.py``; the mean from
+  the data's manifest), ``--train-repeats`` runs each in the order rows, tokens, tokens, rows, ...
+  Tokens/s and peak memory are the trainer's own (metrics.jsonl): the median over the runs' logged
+  windows but each run's first, which holds the warm-up.
+
+The encoder's modes take turns step by step, and the trainer runs alternate, so that the load of a
+shared machine changing during the run does not favour one mode.
+
+    PYTHONPATH=. python benchmarks/token_batching_bench.py --steps 20 \
+        --train-data data/prepared/ml1m --train-steps 30 --train-repeats 2
+
 Writes benchmarks/results/token_batching_bench.json.
 """
 
@@ -28,7 +44,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -118,22 +137,28 @@ def _speed_worker(
     encoder = build_encoder(ModelConfig(name="hstu", embedding_dim=50, num_blocks=2, num_heads=1,
                                         attention_dim=50, linear_dim=50, dropout=0.2, max_seq_len=MAX_SEQ_LEN))  # fmt: skip
     inputs = np.array(lengths) - 1
-    result = {}
-    for name, batches in modes.items():
-        done_tokens, t0 = 0, None
-        for i, parts in enumerate(batches[: steps + 2]):
-            if i == 2:  # two warm-up steps
-                dist.barrier()
-                t0, done_tokens = time.perf_counter(), 0
+    # The modes take turns step by step (after two warm-up steps each), so a change in the machine's
+    # load during the run hits them alike; each step's time runs from a barrier to the step's all-reduce.
+    seconds = dict.fromkeys(modes, 0.0)
+    tokens = dict.fromkeys(modes, 0)
+    for i in range(steps + 2):
+        for name, batches in modes.items():
+            parts = batches[i % len(batches)]
             ls = inputs[np.array(parts[rank])].tolist()
             offsets = torch.tensor([0, *np.cumsum(ls).tolist()])
             x = torch.randn(sum(ls), 50, requires_grad=True)
+            dist.barrier()
+            t0 = time.perf_counter()
             encoder(x, offsets, max(ls)).sum().backward()
             dist.all_reduce(torch.zeros(1))  # the step's collective: everyone waits for the slowest
-            done_tokens += sum(ls)
-        total = torch.tensor([float(done_tokens)])
+            if i >= 2:
+                seconds[name] += time.perf_counter() - t0
+                tokens[name] += sum(ls)
+    result = {}
+    for name in modes:
+        total = torch.tensor([float(tokens[name])])
         dist.all_reduce(total)
-        result[name] = {"seconds": time.perf_counter() - t0, "tokens": int(total.item())}
+        result[name] = {"seconds": seconds[name], "tokens": int(total.item())}
     if rank == 0:
         Path(out).write_text(json.dumps(result))
     dist.destroy_process_group()
@@ -152,6 +177,64 @@ def speed(lengths: np.ndarray, modes: dict, world: int, steps: int) -> dict:
     return {k: {**v, "tokens_per_s": v["tokens"] / v["seconds"]} for k, v in res.items()}
 
 
+def trainer_speed(data_dir: Path, world: int, steps: int, log_every: int, repeats: int) -> dict:
+    """The real trainer, rows then tokens, same tokens per optimizer step (see the module docstring)."""
+    from cluster.plan import data_stats
+    from train.config import load_train_config
+
+    config = "configs/hstu_ml1m.yaml"
+    cfg = load_train_config(str(ROOT / config), [f"data.dir={data_dir}"])
+    _, mean_row, _ = data_stats(cfg)
+    if mean_row is None:
+        raise ValueError(
+            f"{data_dir}/manifest.json: no split statistics; prepare the data with python -m data_pipeline"
+        )
+    mean_input = min(mean_row, cfg.model.max_seq_len + 1) - 1
+    budget = max(math.ceil(cfg.data.batch_size * mean_input / world), 2 * (cfg.model.max_seq_len + 1))
+    modes = {"rows": [], "tokens": ["data.batching=tokens", f"data.max_tokens_per_rank={budget}"]}
+    # rows, tokens, then tokens, rows, ...: a drift in the machine's load does not favour one mode.
+    order = [m for r in range(repeats) for m in (("rows", "tokens") if r % 2 == 0 else ("tokens", "rows"))]
+    out = {"config": config, "data_dir": str(data_dir), "steps": steps, "world": world,
+           "batch_size": cfg.data.batch_size, "mean_input_length": mean_input, "max_tokens_per_rank": budget}  # fmt: skip
+    runs: dict[str, list[dict]] = {name: [] for name in modes}
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, name in enumerate(order):
+            overrides = modes[name]
+            run_dir = Path(tmp) / f"{index}-{name}"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                   "-m", "train", "--config", config, f"data.dir={data_dir}", f"run.output_dir={run_dir}",
+                   f"run.max_steps={steps}", f"run.log_every_steps={log_every}", "tracking.enabled=false",
+                   "run.progress_bar=off", *overrides]  # fmt: skip
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                  capture_output=True, text=True)  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(f"trainer ({name}) failed:\n" + proc.stderr[-3000:])
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            windows = [r for r in records if "train/tokens_per_s" in r]
+            steady = windows[1:] or windows
+            runs[name].append(
+                {
+                    "tokens_per_s": statistics.median(r["train/tokens_per_s"] for r in steady),
+                    "windows_tokens_per_s": [round(r["train/tokens_per_s"]) for r in windows],
+                    "peak_memory_mib": max(r["train/peak_memory_mib"] for r in windows),
+                    "wall_s": round(time.perf_counter() - t0, 1),
+                }
+            )
+    for name, overrides in modes.items():
+        out[name] = {
+            "tokens_per_s": statistics.median(
+                w for run in runs[name] for w in run["windows_tokens_per_s"][1:]
+            ),
+            "peak_memory_mib": max(run["peak_memory_mib"] for run in runs[name]),
+            "runs": runs[name],
+            "overrides": overrides,
+        }
+    out["order"] = order
+    out["tokens_over_rows"] = out["tokens"]["tokens_per_s"] / out["rows"]["tokens_per_s"]
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -160,6 +243,17 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--rows-per-rank", type=int, default=64)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per mode (0: skip the speed run)")
+    parser.add_argument("--train-data", default=None, help="a prepared ML-1M (data.dir) for the trainer runs")
+    parser.add_argument(
+        "--train-steps", type=int, default=30, help="optimizer steps per trainer run (0: skip)"
+    )
+    parser.add_argument("--train-log-every", type=int, default=5, help="steps per logged tokens/s window")
+    parser.add_argument(
+        "--train-repeats",
+        type=int,
+        default=2,
+        help="trainer runs per mode, in the order rows, tokens, tokens, rows, ..",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "token_batching_bench.json"))
     args = parser.parse_args()
@@ -193,6 +287,29 @@ def main() -> None:
             f"{'HSTU fwd+bwd tokens/s (2 gloo)':<32}"
             + "".join(f"{sp[m]['tokens_per_s']:>14.0f}" for m in modes)
         )
+    if args.steps:
+        print(
+            f"{'  encoder tokens/s vs rows':<32}"
+            + "".join(f"{sp[m]['tokens_per_s'] / sp['rows']['tokens_per_s']:>13.2f}x" for m in modes)
+        )
+    if args.train_data and args.train_steps:
+        tr = trainer_speed(
+            Path(args.train_data).resolve(), world, args.train_steps, args.train_log_every, args.train_repeats
+        )
+        report["trainer"] = tr
+        print(f"\nreal trainer ({tr['config']}, {world} processes, {tr['steps']} steps; tokens: "
+              f"<= {tr['max_tokens_per_rank']} items/rank = {tr['batch_size']} rows x {tr['mean_input_length']:.1f} / {world})")  # fmt: skip
+        print(f"{'':<32}{'rows':>14}{'tokens':>14}")
+        print(f"{'trainer tokens/s (median window)':<32}{tr['rows']['tokens_per_s']:>14.0f}{tr['tokens']['tokens_per_s']:>14.0f}"
+              f"   tokens / rows = {tr['tokens_over_rows']:.2f}x")  # fmt: skip
+        print(
+            f"{'peak memory MiB/rank':<32}{tr['rows']['peak_memory_mib']:>14.0f}{tr['tokens']['peak_memory_mib']:>14.0f}"
+        )
+        for index, m in enumerate(tr["order"]):
+            run = tr[m]["runs"][tr["order"][:index].count(m)]
+            print(
+                f"  run {index + 1} ({m}): windows tokens/s {run['windows_tokens_per_s']} (the first is warm-up)"
+            )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,11 +1,18 @@
 """Per-rank GPU memory model of one training step: every term separately, in bytes.
 
-    dims = model_dims(cfg)                                   # the one place that reads cfg.model
-    batch = BatchShape.from_lengths(lengths, "hstu")         # or BatchShape.bound(tokens, max_len)
+    family = family_memory(cfg)                              # the model family's terms, from its task
+    batch = family.batch_from_lengths(lengths)               # or family.batch_bound(tokens)
     est = estimate_memory(cfg, world_size=8, local_world_size=8, num_items=10**8, batch=batch)
     est.terms["embedding_optimizer"], est.total, est.with_margin
 
-Terms (all per rank, the worst rank where ranks differ):
+Model families. The terms that depend on the family (its table's shape, dense parameters, and
+the per-step ``lookup``, ``activations``, ``attention``, ``loss``, ``recompute``) come from a
+``FamilyMemory`` its task returns (``Task.memory_model(cfg)``, chosen by ``model.name`` in the task
+registry ``train/tasks/__init__.py``): ``RetrievalMemory`` here for HSTU and SASRec (below), and
+``TigerMemory`` in ``train/tasks/tiger.py``. The table, ZeRO and margin terms are shared.
+
+Terms (all per rank, the worst rank where ranks differ; the per-step ones as the retrieval task has
+them, see ``TigerMemory`` for TIGER's):
 
 ``embedding_weights`` / ``embedding_optimizer`` / ``embedding_grads``
     The item table's shard and its fused optimizer state under ``embeddings.sharding_type``. The
@@ -47,9 +54,10 @@ Terms (all per rank, the worst rank where ranks differ):
 ``loss``
     Buffers of the loss over N positions: negatives x positions (x width for per_position).
 ``recompute`` (activation checkpointing only)
-    The working set of the layer backward is recomputing, plus the gradients flowing through it and
-    the looked-up rows' gradient, beyond the loss buffers: those are freed before any layer is
-    recomputed, so the peak is the larger of the two, and this term is the excess.
+    The working set of the layer backward is recomputing, plus the gradient flowing into it and the
+    target and negative rows' gradients, beyond the loss buffers and the normalised output: those
+    are freed before any layer is recomputed, so the peak is the larger of the two, and this term
+    is the excess.
 ``margin``
     Allocator fragmentation and what ``max_memory_allocated`` does not see (CUDA context, NCCL
     buffers): ``MARGIN_FRACTION`` of the sum plus ``MARGIN_FIXED_BYTES``.
@@ -59,6 +67,7 @@ Everything here is pure arithmetic (no tensors), so the planner can call it thou
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -137,12 +146,13 @@ def model_dims(cfg) -> ModelDims:
     """``TrainConfig`` -> ``ModelDims``. The only function that reads ``cfg.model``.
 
     ``cfg.model`` is the family's own dataclass (``HSTUConfig`` or ``SASRecConfig``; SASRec's
-    feed-forward width ``ffn_dim`` plays the role of ``linear_dim``). TIGER has no memory terms yet.
+    feed-forward width ``ffn_dim`` plays the role of ``linear_dim``). Other families bring their own
+    ``FamilyMemory`` (``family_memory``).
     """
     m = cfg.model
-    if m.name not in ("hstu", "sasrec"):
+    if m.name not in ACTIVATION_MODELS:
         raise ValueError(
-            f"the memory model covers model.name=hstu and sasrec; {m.name} has no terms yet (plan its batch by hand)"
+            f"model_dims covers the retrieval encoders ({', '.join(ACTIVATION_MODELS)}), not {m.name}"
         )
     section = m
     return ModelDims(
@@ -310,15 +320,21 @@ def lookup_bytes(
     return 4 * (unique * stored_width(embedding_dim) + (2 * t + negs[negatives]) * embedding_dim)
 
 
-def unique_rows_grad_bytes(
+def pending_rows_grad_bytes(
     batch: BatchShape, embedding_dim: int, negatives: str, num_negatives: int, num_items: int
 ) -> int:
-    """The gradient of the unique ids' rows (fp32), alive in the encoder's backward."""
+    """The gradients of the target and negative rows (fp32), alive through the encoder's backward.
+
+    The loss's backward produces them first, but the index (lookup) nodes they flow into were
+    created before the encoder's, so autograd runs those last: the gradients wait, at their
+    per-position size, until the encoder's backward is done (measured; the unique rows' gradient
+    only appears after it).
+    """
     t = batch.num_tokens
-    negs = {"shared": num_negatives, "per_position": t * num_negatives, "full": num_items, "in_batch": 0}[
-        negatives
-    ]
-    return 4 * min(2 * t + negs, num_items + 1) * stored_width(embedding_dim)
+    negs = {"shared": num_negatives, "per_position": t * num_negatives, "full": num_items, "in_batch": 0}
+    if negatives not in negs:
+        raise ValueError(f"loss.negatives={negatives!r}: expected one of {', '.join(negs)}")
+    return 4 * (t + negs[negatives]) * embedding_dim
 
 
 def loss_bytes(
@@ -422,33 +438,55 @@ def hstu_activations(
     output dropout also a bool mask (F bytes). Padded per length group: Q, K, V (2E + F per padded
     token). Quadratic per layer: the SiLU input (scores + rab) and the masked weights, H per padded
     pair each (with attention dropout also a bool mask and the dropped copy). Shared by the layers:
-    per group the causal mask (fp32) and distances (int64), 12 bytes per N_g^2; the time-bias index
-    (int64 per padded pair) when timestamps are used; the positions (int64), the input dropout's
-    mask; the L2-normalised output and its input (2D). Backward's extra at its peak (measured): the
-    gradient of one layer's UVQK output (2F + 2E per token) plus half a quadratic tensor.
-    Checkpointing keeps only each layer's input x (D per token) and recomputes one layer at a time
-    in backward, which then holds one layer's worth of the above.
+    per group the causal mask (model dtype) and distances (int64), 8 + dtype bytes per N_g^2; the
+    time-bias index (int64 per padded pair) when timestamps are used; the positions (int64), the
+    input dropout's mask; the L2-normalised output and its input (2D). Backward's extra at its peak
+    (measured): the gradient of one layer's UVQK output (2F + 2E per token) plus half a quadratic
+    tensor.
+
+    Checkpointing keeps each layer's input x (D per token) and the shared tensors but the normalised
+    output, which the loss's backward frees before any layer is recomputed. Backward then recomputes
+    one layer at a time; its working set peaks at one of two points of the recomputed forward
+    (measured with MemTracker, ``benchmarks/memory_bench.py``, every ``*-ckpt`` config):
+
+    - at the attention weights: the layer norm's output and the UVQK projection before and after SiLU
+      (D + 4E + 4F per token), padded Q, K, V and the einsum's contiguous copies of Q and K
+      (4E + F per padded token), and three quadratic tensors (scores, SiLU(scores), the masked
+      weights; with attention dropout also its bool mask);
+    - at U * norm: the same linear part, plus the copies of V and of the attention output (2F per
+      padded token), the jagged attention output, its concatenation, its layer norm and U * norm
+      (4F per token; with output dropout also the dropped copy and its mask), and two quadratic
+      tensors (scores and weights; with attention dropout the dropped weights and the mask);
+
+    plus the gradient flowing into the layer (D per token). ``recompute`` is that working set minus
+    the normalised output and its input (alive at the end of the forward pass, freed by then).
     """
     d, b = dims.embedding_dim, dtype_bytes
     e, f, h = dims.num_heads * dims.attention_dim, dims.num_heads * dims.linear_dim, dims.num_heads
     t, pt, ps = batch.num_tokens, batch.padded_tokens, batch.padded_squares
     per_token = b * (2 * d + 4 * e + 7 * f) + (f if dims.dropout > 0 else 0)
     layer_linear = t * per_token + b * pt * (2 * e + f)
-    quad_entry = 2 * b + ((1 + b) if dims.attn_dropout > 0 else 0)
+    attn_drop = dims.attn_dropout > 0
+    quad_entry = 2 * b + ((1 + b) if attn_drop else 0)
     layer_quad = h * ps * quad_entry
-    shared = 12 * batch.group_squares + 8 * t + 2 * b * t * d + (t * d if dims.dropout > 0 else 0)
+    kept_shared = (8 + b) * batch.group_squares + 8 * t + (t * d if dims.dropout > 0 else 0)
     if dims.use_time_bias and has_timestamps:
-        shared += 8 * ps
+        kept_shared += 8 * ps
+    end_of_forward = 2 * b * t * d  # the L2-normalised output and its input
     backward_linear = b * t * (2 * f + 2 * e)
     backward_quad = b * h * ps // 2
     layers = dims.num_blocks
     if checkpointing:
-        return _checkpointed(
-            layers * b * t * d + shared, layer_linear + backward_linear, layer_quad + backward_quad, b * t * d
-        )
+        projected = b * t * (d + 4 * e + 4 * f) + b * pt * (4 * e + f)
+        at_weights = projected + h * ps * (3 * b + (1 if attn_drop else 0))
+        out_dropout = (b + 1) * t * f if dims.dropout > 0 else 0
+        at_output = projected + b * pt * 2 * f + b * t * 4 * f + out_dropout
+        at_output += h * ps * (2 * b + (1 if attn_drop else 0))
+        working = max(at_weights, at_output) + b * t * d
+        return _checkpointed(layers * b * t * d + kept_shared, end_of_forward, working)
     linear = layers * layer_linear
     quad = layers * layer_quad + backward_quad
-    return {"activations": linear + shared + backward_linear, "attention": quad}
+    return {"activations": linear + kept_shared + end_of_forward + backward_linear, "attention": quad}
 
 
 def sasrec_activations(
@@ -469,7 +507,8 @@ def sasrec_activations(
     pair) plus its dropout mask and dropped copy; a fused kernel (flash / CPU flash, no attention
     dropout) keeps only a [B, H, N] logsumexp. Shared: the input dropout's mask and the
     L2-normalised output and its input (2D per token). Backward's extra at its peak (measured): the
-    gradients of the padded Q, K, V, output (4D per padded token). Checkpointing as for HSTU.
+    gradients of the padded Q, K, V, output (4D per padded token). Checkpointing: as for HSTU, with
+    a recomputed block's working set measured at its FFN.
     """
     d, b, lin, h = dims.embedding_dim, dtype_bytes, dims.linear_dim, dims.num_heads
     t, pt, ps = batch.num_tokens, batch.padded_tokens, batch.padded_squares
@@ -480,33 +519,43 @@ def sasrec_activations(
     layer_linear = t * per_token + b * pt * 4 * d
     quad_entry = 0 if flash else b + ((1 + b) if dims.attn_dropout > 0 else 0)
     layer_quad = h * ps * quad_entry
-    shared = 8 * t + 2 * b * t * d + (t * d if dims.dropout > 0 else 0)
+    kept_shared = 8 * t + (t * d if dims.dropout > 0 else 0)
+    end_of_forward = 2 * b * t * d  # the L2-normalised output and its input
+    shared = kept_shared + end_of_forward
     backward_linear = b * pt * 4 * d
     backward_quad = 0 if flash else b * h * ps
     if checkpointing:
-        kept = dims.num_blocks * b * t * d + shared
-        return _checkpointed(kept, layer_linear + backward_linear, layer_quad + backward_quad, b * t * d)
+        # A recomputed block peaks at the FFN's ReLU (measured, the sasrec-ckpt config): the query-side
+        # norm, K|V (3D), the jagged attention output, the residual sum and its norm (3D), the first
+        # linear's output and the ReLU's (2 linear_dim; with dropout also its mask, unmeasured) per
+        # token; padded Q, K, V and the attention output (4D per padded token); the math kernel's
+        # quadratic tensors; and the gradient flowing into the block (D per token).
+        working = t * (b * (6 * d + 2 * lin) + (lin if dims.dropout > 0 else 0)) + b * pt * 4 * d
+        working += layer_quad + b * t * d
+        return _checkpointed(dims.num_blocks * b * t * d + kept_shared, end_of_forward, working)
     linear = dims.num_blocks * layer_linear
     quad = dims.num_blocks * layer_quad + backward_quad
     return {"activations": linear + shared + backward_linear, "attention": quad}
 
 
-def _checkpointed(kept: int, layer_linear: int, layer_quad: int, grad_td: int) -> dict[str, int]:
-    """Activation terms under checkpointing: what the forward keeps (each layer's input and the
-    shared tensors), and ``recompute``: one layer's working set while backward recomputes it, plus
-    the gradient flowing into and out of it (2 x [T, D]).
+def _checkpointed(kept: int, end_of_forward: int, working: int) -> dict[str, int]:
+    """Activation terms under checkpointing.
 
-    Backward recomputes layers only after the loss's backward has freed the loss buffers, so
-    ``estimate_memory`` counts the larger of ``loss`` and ``recompute`` (the peak is at the end of
-    the forward pass or inside a recomputed layer; measured in benchmarks/memory_bench.py).
+    ``kept``: what the forward keeps for the whole backward (each layer's input, the shared
+    tensors); ``end_of_forward``: what is alive only at the forward's end (the normalised output);
+    ``working``: one recomputed layer's peak working set in backward. ``activations`` is alive at
+    the end of the forward pass; ``recompute`` is how much more the recompute phase holds (may be
+    negative). The loss's backward frees the loss buffers before any layer is recomputed, so
+    ``estimate_memory`` charges ``max(0, recompute + pending row gradients - loss)``: the peak is at
+    the end of the forward pass or inside a recomputed layer.
     """
-    return {"activations": kept, "attention": 0, "recompute": layer_linear + layer_quad + 2 * grad_td}
+    return {"activations": kept + end_of_forward, "attention": 0, "recompute": working - end_of_forward}
 
 
 # A model family provides its activation term here, keyed by model.name (TIGER adds its own):
 # fn(dims, batch, dtype_bytes, checkpointing, has_timestamps) -> {"activations": bytes kept for
 # backward, linear in the tokens; "attention": the part quadratic in the lengths; with checkpointing
-# also "recompute": one layer's working set in backward (see _checkpointed)}.
+# also "recompute": how much more a recomputed layer holds in backward (see _checkpointed)}.
 ActivationFn = Callable[..., dict]
 ACTIVATION_MODELS: dict[str, ActivationFn] = {"hstu": hstu_activations, "sasrec": sasrec_activations}
 
@@ -541,6 +590,138 @@ def margin_bytes(total: int) -> int:
     return int(MARGIN_FRACTION * total) + MARGIN_FIXED_BYTES
 
 
+# ------------------------------------------------------------------------------ model families
+
+
+class FamilyMemory(abc.ABC):
+    """A model family's part of the memory model: its table and dense shapes, its per-step terms.
+
+    A family provides one through its task (``Task.memory_model(cfg)``, ``train/tasks/``), so the
+    planner and ``estimate_memory`` reach every family through the task registry: the retrieval task
+    (HSTU, SASRec) returns ``RetrievalMemory`` below, TIGER its own (``train/tasks/tiger.py``).
+    ``device_type`` is ``"cuda"`` when planning (fused attention kernels, bool dropout masks) and
+    ``"cpu"`` to compare with CPU measurements (``benchmarks/memory_bench.py``).
+    """
+
+    name: str
+    max_seq_len: int  # the longest model input of a row, in items (the unit of token budgets)
+    supports_checkpointing: bool = True  # schedule.activation_checkpointing can wrap its layers
+
+    @abc.abstractmethod
+    def table_shape(self, num_items: int) -> tuple[int, int]:
+        """(rows, embedding width) of the family's TorchRec table."""
+
+    @abc.abstractmethod
+    def num_params(self) -> int:
+        """Parameters of the dense module (the DeepSpeed engine's)."""
+
+    @abc.abstractmethod
+    def largest_layer_params(self) -> int:
+        """Parameters of the largest layer (ZeRO-3 gathers a layer at a time)."""
+
+    @abc.abstractmethod
+    def batch_from_lengths(self, lengths) -> BatchShape:
+        """The exact shape of a batch whose rows have model-input lengths ``lengths``."""
+
+    @abc.abstractmethod
+    def batch_bound(self, num_tokens: int, sum_squares: int | None = None) -> BatchShape:
+        """The worst batch a token budget (and attention-cost budget) admits."""
+
+    @abc.abstractmethod
+    def step_terms(
+        self, batch: BatchShape, *, num_items: int, dtype_bytes: int, checkpointing: bool,
+        has_timestamps: bool, device_type: str,
+    ) -> dict[str, int]:  # fmt: skip
+        """Per-step terms: ``lookup``, ``activations``, ``attention``, ``loss`` and, with
+        checkpointing, ``recompute`` (the excess of backward's recompute phase over the rest)."""
+
+    @abc.abstractmethod
+    def step_flops(self, batch: BatchShape, num_items: int) -> float:
+        """Forward + backward FLOPs of one micro-step (the planner's cost model)."""
+
+    @abc.abstractmethod
+    def lookup_rows(self, batch: BatchShape, num_items: int) -> int:
+        """Table rows one micro-step looks up (the lookup's all-to-all traffic)."""
+
+
+class RetrievalMemory(FamilyMemory):
+    """HSTU and SASRec under the retrieval task: an item table, the encoder, a softmax over items."""
+
+    def __init__(self, dims: ModelDims, negatives: str, num_negatives: int):
+        self.dims, self.negatives, self.num_negatives = dims, negatives, num_negatives
+        self.name, self.max_seq_len = dims.name, dims.max_seq_len
+
+    @classmethod
+    def from_config(cls, cfg) -> RetrievalMemory:
+        return cls(model_dims(cfg), cfg.loss.negatives, cfg.loss.num_negatives)
+
+    def table_shape(self, num_items: int) -> tuple[int, int]:
+        return num_items + 1, self.dims.embedding_dim
+
+    def num_params(self) -> int:
+        return self.dims.num_params()
+
+    def largest_layer_params(self) -> int:
+        return self.dims.largest_layer_params()
+
+    def batch_from_lengths(self, lengths) -> BatchShape:
+        return BatchShape.from_lengths(lengths, self.name)
+
+    def batch_bound(self, num_tokens: int, sum_squares: int | None = None) -> BatchShape:
+        return BatchShape.bound(num_tokens, self.max_seq_len, self.name, sum_squares)
+
+    def step_terms(
+        self, batch: BatchShape, *, num_items: int, dtype_bytes: int, checkpointing: bool,
+        has_timestamps: bool, device_type: str,
+    ) -> dict[str, int]:  # fmt: skip
+        dims, neg, k = self.dims, self.negatives, self.num_negatives
+        terms = {"lookup": lookup_bytes(batch, dims.embedding_dim, neg, k, num_items)}
+        # SASRec's fused kernels (flash on CUDA, CPU flash without attention dropout) keep no [N, N] tensor.
+        flash = device_type == "cuda" or dims.attn_dropout == 0
+        kwargs = {"flash": flash} if dims.name == "sasrec" else {}
+        act = dict(
+            ACTIVATION_MODELS[dims.name](dims, batch, dtype_bytes, checkpointing, has_timestamps, **kwargs)
+        )
+        recompute = act.pop("recompute", 0)
+        terms.update(act)
+        terms["loss"] = loss_bytes(batch, dims.embedding_dim, neg, k, num_items)
+        if checkpointing:
+            # Recomputed layers live after the loss buffers are freed, beside the target and negative
+            # rows' gradients (see _checkpointed).
+            pending = pending_rows_grad_bytes(batch, dims.embedding_dim, neg, k, num_items)
+            terms["recompute"] = max(0, recompute + pending - terms["loss"])
+        return terms
+
+    def _negatives(self, batch: BatchShape, num_items: int) -> int:
+        t, k = batch.num_tokens, self.num_negatives
+        return {"shared": k, "per_position": t * k, "in_batch": 0, "full": num_items}[self.negatives]
+
+    def step_flops(self, batch: BatchShape, num_items: int) -> float:
+        """``6 P_layers T + 6 L (E + F) S + 6 T C D`` (matmuls, attention over the padded pairs S, the
+        loss over C scored items per position)."""
+        dims, t = self.dims, batch.num_tokens
+        p_layers = dims.num_params() - dims.max_seq_len * dims.embedding_dim
+        e = dims.num_heads * dims.attention_dim if dims.name == "hstu" else dims.embedding_dim
+        f = dims.num_heads * dims.linear_dim if dims.name == "hstu" else dims.embedding_dim
+        scored = t if self.negatives == "in_batch" else self.num_negatives
+        scored = num_items if self.negatives == "full" else scored
+        flops = 6 * p_layers * t + 6 * dims.num_blocks * (e + f) * batch.padded_squares
+        return flops + 6 * t * scored * dims.embedding_dim
+
+    def lookup_rows(self, batch: BatchShape, num_items: int) -> int:
+        return min(2 * batch.num_tokens + self._negatives(batch, num_items), num_items + 1)
+
+
+def family_memory(cfg) -> FamilyMemory:
+    """The memory model of ``cfg.model.name``'s family, from its task (``train.tasks.TASKS``)."""
+    from train.tasks import TASKS
+
+    task = TASKS.get(cfg.model.name)
+    if task is None:
+        raise ValueError(f"model.name={cfg.model.name!r}: no task; known: {', '.join(TASKS)}")
+    return task.memory_model(cfg)
+
+
 def estimate_memory(
     cfg,
     *,
@@ -551,40 +732,38 @@ def estimate_memory(
     precision: str = "bf16",
     checkpointing: bool = False,
     has_timestamps: bool = False,
-    flash_attention: bool = True,
+    device_type: str = "cuda",
+    family: FamilyMemory | None = None,
 ) -> MemoryEstimate:
-    """All terms for ``cfg`` (a ``TrainConfig``) on one rank of ``world_size`` with ``batch``."""
-    dims = model_dims(cfg)
+    """All terms for ``cfg`` (a ``TrainConfig``) on one rank of ``world_size`` with ``batch``.
+
+    ``family``: the model family's memory model (default: ``family_memory(cfg)``; the planner passes
+    it once for its many candidates).
+    """
+    family = family or family_memory(cfg)
+    if checkpointing and not family.supports_checkpointing:
+        raise ValueError(
+            f"model.name={family.name}: activation checkpointing is not available for this family"
+        )
     emb = cfg.embeddings
+    rows, width = family.table_shape(num_items)
     terms = dict(
         embedding_bytes(
-            num_items + 1, dims.embedding_dim, emb.sharding_type, emb.optimizer, world_size,
-            local_world_size, emb.min_partition,
+            rows, width, emb.sharding_type, emb.optimizer, world_size, local_world_size, emb.min_partition
         )
-    )  # fmt: skip
-    neg, k = cfg.loss.negatives, cfg.loss.num_negatives
-    terms["lookup"] = lookup_bytes(batch, dims.embedding_dim, neg, k, num_items)
+    )
     terms.update(
         dense_bytes(
-            dims.num_params(), cfg.zero.stage, world_size, precision, cfg.zero.offload_optimizer,
-            cfg.zero.offload_params, dims.largest_layer_params(), DEEPSPEED_REDUCE_BUCKET,
+            family.num_params(), cfg.zero.stage, world_size, precision, cfg.zero.offload_optimizer,
+            cfg.zero.offload_params, family.largest_layer_params(), DEEPSPEED_REDUCE_BUCKET,
         )
     )  # fmt: skip
-    fn = ACTIVATION_MODELS.get(dims.name)
-    if fn is None:
-        raise ValueError(
-            f"model.name={dims.name!r} has no activation model; register one in cluster.memory.ACTIVATION_MODELS"
+    terms.update(
+        family.step_terms(
+            batch, num_items=num_items, dtype_bytes=DTYPE_BYTES[precision], checkpointing=checkpointing,
+            has_timestamps=has_timestamps, device_type=device_type,
         )
-    kwargs = {"flash": flash_attention} if dims.name == "sasrec" else {}
-    act = dict(fn(dims, batch, DTYPE_BYTES[precision], checkpointing, has_timestamps, **kwargs))
-    recompute = act.pop("recompute", 0)
-    terms.update(act)
-    terms["loss"] = loss_bytes(batch, dims.embedding_dim, neg, k, num_items)
-    if recompute:
-        # Recomputed layers live after the loss buffers are freed; the looked-up rows' gradient
-        # (the unique ids' rows, fp32) lives by then too.
-        unique_grad = unique_rows_grad_bytes(batch, dims.embedding_dim, neg, k, num_items)
-        terms["recompute"] = max(0, recompute + unique_grad - terms["loss"])
+    )  # fmt: skip
     return MemoryEstimate(terms)
 
 

@@ -175,3 +175,66 @@ def measure_dense_step(
         total=get("Total"),
         cuda_peak=cuda_peak,
     )
+
+
+def measure_tiger_step(
+    cfg,
+    codebook_sizes: list[int],
+    num_examples: int,
+    encoder_len: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    fake: bool = False,
+    seed: int = 0,
+) -> MeasuredStep:
+    """One forward/backward/AdamW step of TIGER's encoder-decoder (``train.models.tiger.Tiger``)
+    and its cross-entropy on ``num_examples`` examples of ``encoder_len`` encoder tokens (all real)
+    and L decoder tokens, under MemTracker (see ``measure_dense_step``). The embedded tokens are one
+    fp32 leaf ``[E (S + L), D]`` standing for the token table's lookup output."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from train.models.tiger import Tiger
+
+    torch.manual_seed(seed)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = Tiger(cfg, codebook_sizes)
+        finally:
+            torch.set_default_dtype(previous)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=False)
+        e, s, levels, d = num_examples, encoder_len, len(codebook_sizes), cfg.d_model
+        rows = torch.randn(e * (s + levels), d, requires_grad=True)
+        enc_mask = torch.ones(e, s, dtype=torch.bool)
+        targets = torch.randint(0, min(codebook_sizes), (e, levels))
+
+        def step() -> None:
+            emb = rows.to(dtype)
+            enc = emb[: e * s].view(e, s, d)
+            dec = emb[e * s :].view(e, levels, d)
+            logits = model(enc, enc_mask, dec).float()
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            rows.grad = None
+
+        step()
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer, rows)
+        with tracker:
+            step()
+        peak = tracker.get_tracker_snapshot("peak")
+    snap = next((v for k, v in peak.items() if torch.device(k).type == "cpu"), {})
+    get = lambda key: int(snap.get(key, 0))  # noqa: E731
+    return MeasuredStep(
+        params=get("Parameter") + get("Buffer"),
+        grads=get("Gradient"),
+        optimizer=get("Optstate"),
+        activations=get("Activation") + get("Temp"),
+        other=get("Other"),
+        total=get("Total"),
+    )

@@ -4,10 +4,10 @@
         --gpus-per-node 8 --nodes 4 --json runs/plan.json [key=value ...]
 
 For every candidate schedule (TorchRec sharding type x ZeRO stage 0-3 x optimizer / parameter
-offload x activation checkpointing x gradient accumulation) the memory model
-(``cluster/memory.py``) predicts the per-rank peak, with its margin, for the worst batch the
-token budget admits; the candidates that fit the GPU are ranked by a throughput estimate and the
-fastest wins. The chosen schedule is a list of config overrides (``Plan.overrides``).
+offload x activation checkpointing, where the family supports it, x gradient accumulation) the
+memory model (``cluster/memory.py``, the family's terms from its task) predicts the per-rank peak,
+with its margin, for the worst batch the token budget admits; the candidates that fit the GPU are
+ranked by a throughput estimate and the fastest wins. The chosen schedule is a list of config overrides (``Plan.overrides``).
 
 Global batch. The configured ``data.batch_size`` rows hold ``batch_size x mean input length``
 tokens (the mean from the data's manifest, else ``max_seq_len``). With accumulation A over W ranks
@@ -19,8 +19,9 @@ case of rows at the longest length), the bound the memory model assumes.
 
 Cost model (seconds per optimizer step, documented so that its choices can be checked):
 
-- compute per micro-step: ``6 P_layers T + 6 L (E + F) S + 6 T C D`` FLOPs (matmuls forward and
-  backward; attention over the padded pairs S; the loss over C negatives) at
+- compute per micro-step: the family's FLOPs (``FamilyMemory.step_flops``; for HSTU / SASRec
+  ``6 P_layers T + 6 L (E + F) S + 6 T C D``: matmuls forward and backward, attention over the
+  padded pairs S, the loss over C negatives; TIGER's in ``train/tasks/tiger.py``) at
   ``gpu_flops x mfu``; checkpointing re-runs the forward (x 4/3); plus ``step_overhead_s`` per
   micro-step (launches, the host), which is what makes fewer, larger micro-steps cheaper;
 - embedding lookup per micro-step: model-parallel tables move each looked-up row (width x 4
@@ -52,11 +53,12 @@ from cluster.memory import (
     MARGIN_FRACTION,
     SHARDING_TYPES,
     BatchShape,
+    FamilyMemory,
     GiB,
     MemoryEstimate,
     estimate_memory,
+    family_memory,
     fmt_bytes,
-    model_dims,
     stored_width,
 )
 
@@ -78,6 +80,7 @@ class ClusterSpec:
     cpu_adam_params_per_s: float = 1e9
     step_overhead_s: float = 0.004  # per micro-step
     precision: str = "bf16"  # the dense model's (DeepSpeed bf16 on GPUs that have it)
+    device_type: str = "cuda"  # "cpu": the memory model's CPU kernels (math attention, float dropout masks)
 
     @property
     def world_size(self) -> int:
@@ -205,31 +208,23 @@ def data_stats(cfg) -> tuple[int | None, float | None, bool]:
     return manifest.get("num_items"), mean, bool(manifest.get("has_timestamps", True))
 
 
-def _compute_seconds(cfg, sched: Schedule, batch: BatchShape, cluster: ClusterSpec, num_items: int) -> float:
-    dims = model_dims(cfg)
-    t = batch.num_tokens
-    p_layers = dims.num_params() - dims.max_seq_len * dims.embedding_dim
-    e = dims.num_heads * dims.attention_dim if dims.name == "hstu" else dims.embedding_dim
-    f = dims.num_heads * dims.linear_dim if dims.name == "hstu" else dims.embedding_dim
-    negatives = {"shared": cfg.loss.num_negatives, "per_position": cfg.loss.num_negatives,
-                 "in_batch": t, "full": num_items}[cfg.loss.negatives]  # fmt: skip
-    flops = 6 * p_layers * t + 6 * dims.num_blocks * (e + f) * batch.padded_squares
-    flops += 6 * t * negatives * dims.embedding_dim
+def _compute_seconds(family: FamilyMemory, sched: Schedule, batch: BatchShape, cluster: ClusterSpec,
+                     num_items: int) -> float:  # fmt: skip
+    flops = family.step_flops(batch, num_items)
     if sched.checkpointing:
         flops *= 4 / 3
     return flops / (cluster.gpu_flops * cluster.mfu) + cluster.step_overhead_s
 
 
-def _lookup_seconds(cfg, sched: Schedule, batch: BatchShape, cluster: ClusterSpec, num_items: int) -> float:
-    dims = model_dims(cfg)
-    width = stored_width(dims.embedding_dim)
+def _lookup_seconds(family: FamilyMemory, sched: Schedule, batch: BatchShape, cluster: ClusterSpec,
+                    num_items: int) -> float:  # fmt: skip
+    table_rows, dim = family.table_shape(num_items)
+    width = stored_width(dim)
     world, local = cluster.world_size, cluster.gpus_per_node
     if sched.sharding_type == "data_parallel":
-        table = (num_items + 1) * width * 4
+        table = table_rows * width * 4
         return 2 * table * (world - 1) / world / _ring_bandwidth(cluster)
-    negs = {"shared": cfg.loss.num_negatives, "per_position": batch.num_tokens * cfg.loss.num_negatives,
-            "in_batch": 0, "full": num_items}[cfg.loss.negatives]  # fmt: skip
-    rows = min(2 * batch.num_tokens + negs, num_items + 1)
+    rows = family.lookup_rows(batch, num_items)
     moved = 2 * rows * width * 4  # rows forward, gradients back
     remote = (world - local) / world
     seconds = (
@@ -245,13 +240,16 @@ def _ring_bandwidth(cluster: ClusterSpec) -> float:
     return cluster.inter_node_bytes_per_s if cluster.nodes > 1 else cluster.intra_node_bytes_per_s
 
 
-def step_seconds(cfg, sched: Schedule, batch: BatchShape, cluster: ClusterSpec, num_items: int) -> float:
+def step_seconds(
+    cfg, sched: Schedule, batch: BatchShape, cluster: ClusterSpec, num_items: int,
+    family: FamilyMemory | None = None,
+) -> float:  # fmt: skip
     """The cost model of the module docstring: seconds per optimizer step."""
-    dims = model_dims(cfg)
-    p, n = dims.num_params(), cluster.world_size
+    family = family or family_memory(cfg)
+    p, n = family.num_params(), cluster.world_size
     w = DTYPE_BYTES[cluster.precision]
-    micro = _compute_seconds(cfg, sched, batch, cluster, num_items)
-    micro += _lookup_seconds(cfg, sched, batch, cluster, num_items)
+    micro = _compute_seconds(family, sched, batch, cluster, num_items)
+    micro += _lookup_seconds(family, sched, batch, cluster, num_items)
     ring = _ring_bandwidth(cluster)
     if sched.zero_stage == 3:
         micro += 2 * w * p * (n - 1) / n / ring  # parameter all-gathers, forward and backward
@@ -264,8 +262,11 @@ def step_seconds(cfg, sched: Schedule, batch: BatchShape, cluster: ClusterSpec, 
     return total
 
 
-def candidates(cfg) -> list[tuple[str, int, bool, bool, bool]]:
-    """(sharding, stage, offload optimizer, offload params, checkpointing) combinations to try."""
+def candidates(cfg, family: FamilyMemory | None = None) -> list[tuple[str, int, bool, bool, bool]]:
+    """(sharding, stage, offload optimizer, offload params, checkpointing) combinations to try
+    (checkpointing only for families that support it)."""
+    family = family or family_memory(cfg)
+    checkpointing = (False, True) if family.supports_checkpointing else (False,)
     out = []
     for sharding in SHARDING_TYPES:
         for stage in (0, 1, 2, 3):
@@ -275,7 +276,7 @@ def candidates(cfg) -> list[tuple[str, int, bool, bool, bool]]:
                 + ([(True, True)] if stage == 3 else [])
             )
             for off_opt, off_par in offloads:
-                for ckpt in (False, True):
+                for ckpt in checkpointing:
                     out.append((sharding, stage, off_opt, off_par, ckpt))
     return out
 
@@ -289,7 +290,7 @@ def plan_schedule(
 ) -> Plan:
     """The fastest schedule that fits ``cluster`` (see the module docstring), or the closest miss
     (with ``Plan.explain`` when ``explain``)."""
-    dims = model_dims(cfg)
+    family = family_memory(cfg)
     manifest_items, manifest_mean, has_timestamps = data_stats(cfg)
     num_items = num_items or manifest_items
     if num_items is None:
@@ -300,11 +301,11 @@ def plan_schedule(
     source = (
         "given" if mean_row_len else ("from the manifest" if manifest_mean else "assumed: max_seq_len + 1")
     )
-    mean_row_len = mean_row_len or manifest_mean or float(dims.max_seq_len + 1)
-    mean_input = max(1.0, min(mean_row_len, dims.max_seq_len + 1) - 1)
+    mean_row_len = mean_row_len or manifest_mean or float(family.max_seq_len + 1)
+    mean_input = max(1.0, min(mean_row_len, family.max_seq_len + 1) - 1)
     world = cluster.world_size
     global_tokens = int(math.ceil(cfg.data.batch_size * mean_input))
-    longest = dims.max_seq_len + 1
+    longest = family.max_seq_len + 1
     notes = [
         f"global batch {cfg.data.batch_size} rows x {mean_input:.1f} mean input length = {global_tokens} tokens "
         f"(mean row length {mean_row_len:.1f}, {source})"
@@ -316,9 +317,9 @@ def plan_schedule(
         tokens = max(2 * longest, math.ceil(global_tokens / (world * accum)))
         if accum > 1 and tokens == 2 * longest and global_tokens / (world * (accum // 2)) <= 2 * longest:
             continue  # no smaller micro-batch than the previous accumulation: pointless
-        cost = tokens * dims.max_seq_len
-        batch = BatchShape.bound(tokens, dims.max_seq_len, dims.name, cost)
-        for sharding, stage, off_opt, off_par, ckpt in candidates(cfg):
+        cost = tokens * family.max_seq_len
+        batch = family.batch_bound(tokens, cost)
+        for sharding, stage, off_opt, off_par, ckpt in candidates(cfg, family):
             sched = Schedule(sharding, stage, off_opt, off_par, ckpt, accum, tokens, cost)
             trial = dataclasses.replace(
                 cfg,
@@ -329,10 +330,12 @@ def plan_schedule(
             )
             est = estimate_memory(trial, world_size=world, local_world_size=cluster.gpus_per_node,
                                   num_items=num_items, batch=batch, checkpointing=ckpt, has_timestamps=has_timestamps,
-                                  precision=cluster.precision)  # fmt: skip
+                                  precision=cluster.precision, device_type=cluster.device_type, family=family)  # fmt: skip
             count += 1
             if est.with_margin <= cluster.gpu_memory_bytes:
-                scored.append((step_seconds(trial, sched, batch, cluster, num_items), sched, est, tokens))
+                scored.append(
+                    (step_seconds(trial, sched, batch, cluster, num_items, family), sched, est, tokens)
+                )
             else:
                 misses.append((est.with_margin, sched, est))
     if scored:
@@ -354,10 +357,8 @@ def plan_schedule(
         zero=dataclasses.replace(cfg.zero, stage=sched.zero_stage, offload_optimizer=sched.offload_optimizer,
                                  offload_params=sched.offload_params),
     )  # fmt: skip
-    batch = BatchShape.bound(
-        sched.max_tokens_per_rank, dims.max_seq_len, dims.name, sched.max_attention_cost_per_rank
-    )
-    seconds = step_seconds(trial_cfg, sched, batch, cluster, num_items)
+    batch = family.batch_bound(sched.max_tokens_per_rank, sched.max_attention_cost_per_rank)
+    seconds = step_seconds(trial_cfg, sched, batch, cluster, num_items, family)
     plan = Plan(False, sched, est, cluster.gpu_memory_bytes, seconds, tokens_per_step, world, count, 0,
                 _planner_cap(est, cluster), notes)  # fmt: skip
     if explain:

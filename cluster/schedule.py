@@ -35,7 +35,10 @@ def cluster_from_env(gpu_memory_bytes: int | None = None) -> ClusterSpec:
         gpu_memory_bytes = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    return ClusterSpec(gpu_memory_bytes, gpus_per_node=local, nodes=max(1, world // max(1, local)))
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    return ClusterSpec(
+        gpu_memory_bytes, gpus_per_node=local, nodes=max(1, world // max(1, local)), device_type=device_type
+    )
 
 
 def apply_plan(cfg, cluster: ClusterSpec, num_items: int | None = None):

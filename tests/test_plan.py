@@ -119,8 +119,7 @@ def test_a_plan_for_a_small_budget_trains_within_it():
                                   checkpointing=plan.schedule.checkpointing)  # fmt: skip
     assert measured.total <= budget - MARGIN_FIXED_BYTES
     # The prediction bounds it from above and not by much (the table terms are not in this
-    # one-process measurement; with checkpointing the model is conservative: it adds the loss buffers
-    # and the recomputed layer, which backward does not hold at once).
+    # one-process measurement, and the plan assumes the worst batch shape its budgets admit).
     table = sum(plan.memory.terms[k] for k in ("embedding_weights", "embedding_optimizer", "embedding_grads"))
     predicted = plan.memory.total - table
     assert measured.total <= predicted < 1.6 * measured.total, (predicted, measured)

@@ -14,6 +14,7 @@ The life of a task inside the trainer::
                loss_sum = task.train_loss(batch, ctx)      # the trainer scales, backwards, steps
     eval:      prepared = task.prepare_eval(dense_replica) # e.g. gather a table (a collective)
                out = task.eval_batch(batch, prepared, ctx) # ranks of the targets + top-k ids
+    planning:  TaskClass.memory_model(cfg)                 # per-rank memory terms (cluster/memory.py)
 
 Every collective a task makes (table lookups) must happen the same number of times on every rank;
 the trainer calls each method on every rank with each rank's own batch.
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cluster.memory import FamilyMemory
 from train.batch import SequenceBatch
 from train.config import TrainConfig
 from train.distributed import DistInfo
@@ -160,3 +162,15 @@ class Task(abc.ABC):
 
     def warn_about_data(self) -> None:  # noqa: B027 (optional hook)
         """Log what the data lacks for this family (e.g. no timestamps)."""
+
+    # --------------------------------------------------------------------------------- memory
+
+    @classmethod
+    def memory_model(cls, cfg: TrainConfig) -> FamilyMemory:
+        """The family's per-rank memory terms (``cluster.memory.FamilyMemory``) for ``cfg``, used by
+        ``cluster/memory.py``'s ``estimate_memory`` and the planner (``python -m cluster plan``,
+        ``schedule.mode=auto``). A class method: planning happens before any data or table exists."""
+        raise ValueError(
+            f"model.name={cfg.model.name}: this family has no memory model (Task.memory_model); "
+            "plan its batch and ZeRO stage by hand"
+        )

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cluster.memory import FamilyMemory, RetrievalMemory
 from train.batch import SequenceBatch, split_inputs_targets
 from train.embeddings import ShardedItemTable, build_item_table, gather_full_table
 from train.metrics import rank_of_targets, topk_items
@@ -53,6 +54,10 @@ class RetrievalTask(Task):
         self.model_cfg = cfg.model
         self.has_timestamps = bool(manifest.get("has_timestamps", False))
         self.table: ShardedItemTable | None = None
+
+    @classmethod
+    def memory_model(cls, cfg) -> FamilyMemory:
+        return RetrievalMemory.from_config(cfg)
 
     @property
     def max_seq_len(self) -> int:

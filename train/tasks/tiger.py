@@ -20,14 +20,17 @@ Shapes: E examples (targets) in the batch, S encoder length, L code levels, D d_
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cluster.memory import BatchShape, FamilyMemory, stored_width
 from data_pipeline.semantic_ids.table import read_semantic_ids
 from train.batch import SequenceBatch, split_last
 from train.config import LossConfig
@@ -101,6 +104,10 @@ class TigerTask(Task):
             "TIGER: %d items with %d-level semantic IDs (codebooks %s) from %s; %d token ids",
             self.num_items, self.vocab.num_levels, list(table.codebook_sizes), sid_dir, self.vocab.vocab_size,
         )  # fmt: skip
+
+    @classmethod
+    def memory_model(cls, cfg) -> FamilyMemory:
+        return TigerMemory.from_config(cfg)
 
     @property
     def max_seq_len(self) -> int:
@@ -256,3 +263,159 @@ def _pad_to(top_BK: Tensor, k: int) -> Tensor:
     if top_BK.shape[1] >= k:
         return top_BK[:, :k]
     return F.pad(top_BK, (0, k - top_BK.shape[1]), value=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory model (cluster/memory.py's FamilyMemory for TIGER)
+# ------------------------------------------------------------------------------------------------
+
+
+class TigerMemory(FamilyMemory):
+    """TIGER's per-rank memory terms: the token table, the encoder-decoder and its logits.
+
+    A batch of rows with model-input lengths l (the reader's unit: items after the first) holds
+    E = sum l examples (``TigerTask._examples``: every item but the first is a target); each example's
+    encoder input is the user token and the codes of its last <= max_history_items items, padded to
+    the batch's longest: S = 1 + L min(max l, max_history_items); the decoder reads M = L tokens. In
+    ``BatchShape`` terms: ``num_tokens`` = E, ``max_len`` = S, ``padded_tokens`` = E S (encoder tokens).
+
+    Kept for backward, per encoder token and layer (D d_model, I = H head_dim, F d_ff, b dtype bytes,
+    measured with MemTracker, ``benchmarks/memory_bench.py``): the two RMSNorms' outputs and their
+    normalised inputs (4D), the two residual sums (2D), the FFN's ReLU output (F; with dropout also
+    the dropped copy and its mask); with dropout the two residual branches' masks. The attention:
+    a fused kernel (CUDA's memory-efficient / flash, CPU flash when the mask needs no gradient and
+    there is no dropout) keeps the projected Q, K, V and its output (4I); the math kernel (CPU, where
+    the learned position bias rides in the mask) keeps contiguous copies of Q, K^T, V and the
+    output (4I) and the softmax output, H per (query, key) pair (with dropout also the dropped copy
+    and the mask): the ``attention`` term. The decoder, per decoder token and layer: three norms (6D),
+    three sums (3D), the FFN, causal self-attention over M and cross-attention to the S encoder
+    tokens, whose keys and values (2I per encoder token and decoder layer) the encoder computes once.
+    Dropout masks are bool on CUDA, in the model's dtype on CPU (``native_dropout`` vs the CPU
+    path's float noise). ``loss``: the [E, M, V_max] logits in the model's dtype, their fp32 copy, the
+    cross-entropy's log-softmax and the logits' gradient. Backward's first encoder-sized tensors
+    are the gradients of one decoder layer's cross keys and values (2I per encoder token), after the
+    loss buffers are freed: ``activations`` holds the excess of those over ``loss``.
+    ``lookup``: the step's distinct token ids (at most the table) looked up in fp32 and copied to the
+    model's dtype, and the per-token copy E (S + M) x D the encoder and decoder read.
+    """
+
+    supports_checkpointing = False  # checkpoint_layers wraps HSTU / SASRec layers only
+
+    def __init__(self, model: TigerConfig, codebook_sizes: list[int] | tuple[int, ...]):
+        self.model, self.codebook_sizes = model, [int(v) for v in codebook_sizes]
+        self.name, self.max_seq_len = model.name, model.max_history_items
+
+    @classmethod
+    def from_config(cls, cfg) -> TigerMemory:
+        """Reads the codebook sizes from ``model.semantic_ids_dir``'s manifest."""
+        path = Path(cfg.model.semantic_ids_dir) / "manifest.json"
+        if not cfg.model.semantic_ids_dir or not path.is_file():
+            raise ValueError(
+                f"model.semantic_ids_dir={cfg.model.semantic_ids_dir!r}: no manifest.json there; TIGER's memory "
+                "model needs the semantic-ID table's codebook sizes (make it with python -m data_pipeline semantic-ids)"
+            )
+        return cls(cfg.model, json.loads(path.read_text())["codebook_sizes"])
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.codebook_sizes)
+
+    def table_shape(self, num_items: int) -> tuple[int, int]:
+        return TigerVocab(
+            tuple(self.codebook_sizes), self.model.num_user_buckets
+        ).vocab_size, self.model.d_model
+
+    def _layer_params(self) -> tuple[int, int]:
+        m = self.model
+        d, inner, f = m.d_model, m.num_heads * m.head_dim, m.d_ff
+        attention, ffn = 4 * d * inner, 2 * d * f
+        return 2 * d + attention + ffn, 3 * d + 2 * attention + ffn  # encoder, decoder layer
+
+    def num_params(self) -> int:
+        m = self.model
+        enc, dec = self._layer_params()
+        biases = 2 * m.relative_num_buckets * m.num_heads
+        heads = m.d_model * sum(self.codebook_sizes)
+        return m.num_encoder_layers * enc + m.num_decoder_layers * dec + 2 * m.d_model + biases + heads
+
+    def largest_layer_params(self) -> int:
+        return max(self._layer_params())
+
+    def _encoder_len(self, most_items: int) -> int:
+        return 1 + self.num_levels * min(most_items, self.model.max_history_items)
+
+    def batch_from_lengths(self, lengths) -> BatchShape:
+        ls = [int(x) for x in lengths]
+        e, s = sum(ls), self._encoder_len(max(ls, default=0))
+        return BatchShape(e, e, sum(x * x for x in ls), s, e * s, e * s * s)
+
+    def batch_bound(self, num_tokens: int, sum_squares: int | None = None) -> BatchShape:
+        s = self._encoder_len(self.model.max_history_items)
+        e = num_tokens
+        return BatchShape(e, e, e * self.max_seq_len, s, e * s, e * s * s)
+
+    def step_terms(
+        self, batch: BatchShape, *, num_items: int, dtype_bytes: int, checkpointing: bool,
+        has_timestamps: bool, device_type: str,
+    ) -> dict[str, int]:  # fmt: skip
+        if checkpointing:
+            raise ValueError("model.name=tiger: activation checkpointing is not available")
+        m, b = self.model, dtype_bytes
+        d, inner, f, h = m.d_model, m.num_heads * m.head_dim, m.d_ff, m.num_heads
+        e, s, levels = batch.num_tokens, batch.max_len, self.num_levels
+        enc_t, dec_t = batch.padded_tokens, e * levels
+        drop = m.dropout > 0
+        mask = 1 if device_type == "cuda" else b  # a dropout mask's bytes per element
+        fused_self = device_type == "cuda"  # the position bias is in the mask: CPU takes the math kernel
+        fused_cross = device_type == "cuda" or not drop
+
+        def per_layer(norms: int) -> int:  # norms, sums, FFN and residual-dropout masks, per token
+            out = b * (3 * norms * d + f)
+            if drop:
+                out += (b + mask) * f + mask * norms * d
+            return out
+
+        def probs(pairs: int) -> int:  # the math kernel's softmax output (and dropout) per pair
+            return pairs * h * (b + ((b + mask) if drop else 0))
+
+        linear = m.num_encoder_layers * enc_t * (per_layer(2) + b * 4 * inner)
+        attention = 0 if fused_self else m.num_encoder_layers * probs(e * s * s)
+        # encoder input dropout, final norm (+ dropout), cross keys and values of every decoder layer
+        linear += enc_t * (((b + mask) * d if drop else 0) + 2 * b * d + (mask * d if drop else 0))
+        linear += m.num_decoder_layers * enc_t * 2 * b * inner
+        # self-attention as the encoder's; cross-attention: Q and the output per decoder token (the math
+        # kernel also copies the shared keys and values, per encoder token)
+        linear += m.num_decoder_layers * dec_t * (per_layer(3) + b * 4 * inner + b * 2 * inner)
+        if not fused_cross:
+            linear += m.num_decoder_layers * enc_t * 2 * b * inner
+        linear += dec_t * (((b + mask) * d if drop else 0) + 2 * b * d + (mask * d if drop else 0))
+        if not fused_self:
+            attention += m.num_decoder_layers * probs(e * levels * levels)
+        if not fused_cross:
+            attention += m.num_decoder_layers * probs(e * levels * s)
+        v_max = max(self.codebook_sizes)
+        loss = e * levels * v_max * (b + (4 if b != 4 else 0) + 8)
+        backward = enc_t * 2 * b * inner
+        ids = enc_t + dec_t
+        vocab = self.table_shape(num_items)[0]
+        unique = min(ids, vocab)
+        lookup = unique * (4 * stored_width(d) + (b * d if b != 4 else 0)) + ids * b * d
+        return {
+            "lookup": lookup,
+            "activations": linear + max(0, backward - loss),
+            "attention": attention,
+            "loss": loss,
+        }
+
+    def step_flops(self, batch: BatchShape, num_items: int) -> float:
+        """``6 x`` (encoder-layer params x E S + decoder-layer params x E M + the attention's pairs)."""
+        m = self.model
+        enc, dec = self._layer_params()
+        inner, levels = m.num_heads * m.head_dim, self.num_levels
+        e, s = batch.num_tokens, batch.max_len
+        matmuls = m.num_encoder_layers * enc * e * s + m.num_decoder_layers * dec * e * levels
+        pairs = m.num_encoder_layers * e * s * s + m.num_decoder_layers * e * levels * (levels + s)
+        return 6.0 * (matmuls + 2 * inner * pairs + m.d_model * sum(self.codebook_sizes) * e)
+
+    def lookup_rows(self, batch: BatchShape, num_items: int) -> int:
+        return min(batch.padded_tokens + batch.num_tokens * self.num_levels, self.table_shape(num_items)[0])
