@@ -13,6 +13,7 @@ the manifest names. It also computes the popularity baseline, the reference poin
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,12 +25,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.batch import split_last
+from train.batch import SequenceBatch, jagged_concat, split_last
 from train.config import TrainConfig
 from train.distributed import DistInfo, all_reduce_sum
 from train.metrics import RetrievalMetrics, item_counts, popularity_ranks
 from train.reader import SequenceDataset, load_manifest, raw_ids_by_dense, vocab_path
 from train.tasks.base import Task
+
+logger = logging.getLogger(__name__)
 
 
 class Evaluator:
@@ -40,6 +43,14 @@ class Evaluator:
         self.data_dir = Path(cfg.data.dir)
         self.item_vocab_path = vocab_path(self.data_dir, manifest, "items")
         self.user_vocab_path = vocab_path(self.data_dir, manifest, "users")
+        self._history: UserHistory | None = None
+
+    @property
+    def history(self) -> UserHistory:
+        """Every user's items in the train and older splits (built on first use, for all_history)."""
+        if self._history is None:
+            self._history = UserHistory.from_splits(self.data_dir, self.manifest)
+        return self._history
 
     @torch.no_grad()
     def run(self, task: Task, dense: nn.Module, split: str, predictions_path: Path | None = None) -> dict:
@@ -52,9 +63,20 @@ class Evaluator:
         metrics = RetrievalMetrics(self.cfg.eval.hr_at, self.cfg.eval.ndcg_at)
         top_k = self.cfg.eval.top_k if predictions_path is not None else None
         rows = []
-        for batch in data:
-            out = task.eval_batch(batch, prepared, top_k)
-            if len(out.targets) == 0:
+        lockstep = task.eval_in_lockstep()
+        batches = iter(data)
+        while True:
+            batch = next(batches, None)
+            # A lockstep task's eval_batch is a collective: go on until every rank has run out.
+            if lockstep and all_reduce_sum([float(batch is not None)], self.info.device)[0] == 0:
+                break
+            if batch is None and not lockstep:
+                break
+            exclude = None
+            if batch is not None and self.cfg.eval.exclude == "all_history":
+                exclude = self.history.exclusions(batch)
+            out = task.eval_batch(batch, prepared, top_k, exclude)
+            if out is None or len(out.targets) == 0:
                 continue
             metrics.update(out.ranks)
             if predictions_path is not None:
@@ -104,6 +126,65 @@ class Evaluator:
             for r in range(self.info.world_size):
                 path.with_name(f".{path.stem}.rank{r}.npz").unlink(missing_ok=True)
         dist.barrier()
+
+
+class UserHistory:
+    """Distinct items of each user in the splits before valid and test (train + older), as CSR.
+
+    With the eval row's own items (everything before its target) this is the user's whole history:
+    under leave_one_out, train = s[:-2] and the older rows hold every item the data job's
+    max_seq_len cut from the train row, so nothing before a valid or test target is missed.
+    Memory: 8 bytes per distinct (user, item) pair of those splits (a CSR of int64 items).
+    """
+
+    def __init__(self, user_offsets: np.ndarray, items: np.ndarray):
+        self.user_offsets, self.items = user_offsets, items
+
+    @classmethod
+    def from_splits(cls, data_dir: Path, manifest: dict) -> UserHistory:
+        """Read ``user_id`` and ``item_ids`` of the train and older splits (one pass, no Python loop over users)."""
+        num_cols = int(manifest["num_items"]) + 1
+        splits = manifest["splits"]
+        keys = []
+        num_full = 0  # train rows at the data job's length cap: their older items may have been cut
+        cap = manifest.get("max_seq_len")
+        for name in ("train", "older"):
+            for entry in splits.get(name, {}).get("files", []):
+                table = pq.read_table(data_dir / entry["path"], columns=["user_id", "item_ids"])
+                items = table.column("item_ids").combine_chunks()
+                lengths = items.value_lengths().to_numpy(zero_copy_only=False)
+                users = np.repeat(table.column("user_id").to_numpy().astype(np.int64), lengths)
+                values = items.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+                keys.append(np.unique(users * num_cols + values))
+                if name == "train" and cap is not None:
+                    num_full += int((lengths >= int(cap) + 1).sum())
+        if num_full and "older" not in splits:
+            logger.warning(
+                "eval.exclude=all_history: %d train rows of %s hold max_seq_len + 1 = %d items, so the data "
+                "job may have cut older items, which are then not excluded; prepare with "
+                "split.older_windows=true for the whole history", num_full, data_dir, int(cap) + 1,
+            )  # fmt: skip
+        key = np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.int64)
+        users = key // num_cols
+        max_user = max(int(manifest.get("num_users", 0)), int(users.max()) if len(users) else 0)
+        # user_offsets[u]..user_offsets[u + 1] are user u's items; one extra entry for unseen users.
+        user_offsets = np.searchsorted(users, np.arange(max_user + 2))
+        return cls(user_offsets, key % num_cols)
+
+    def exclusions(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row of ``batch``: its items before the target, then the user's train and older items
+        (jagged ``(values, offsets [B+1])``; repeats are fine, exclusion deduplicates)."""
+        history, _ = split_last(batch)
+        users = batch.user_ids.numpy()
+        known = users < len(self.user_offsets) - 1  # a user beyond every stored one has no stored items
+        users = np.where(known, users, 0)
+        starts = self.user_offsets[users]
+        lengths = np.where(known, self.user_offsets[users + 1] - starts, 0)
+        offsets = np.zeros(len(users) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        idx = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        stored = (torch.from_numpy(self.items[idx]), torch.from_numpy(offsets))
+        return jagged_concat((history.item_ids, history.offsets), stored)
 
 
 def evaluate_popularity(

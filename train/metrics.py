@@ -142,8 +142,13 @@ def _rank_core(
     target_ids: Tensor,
     excl_rows: Tensor,
     excl_items: Tensor,
+    fix_worst: bool = True,
 ) -> Tensor:
-    """Pessimistic rank: eligible items (not padding, not excluded, not the target) scoring >= the target."""
+    """Pessimistic rank: eligible items (not padding, not excluded, not the target) scoring >= the target.
+
+    ``fix_worst=False`` leaves NaN/-inf targets to the caller (a count over part of the items,
+    ``train/scoring.py``, where the worst rank is only known after the parts are summed).
+    """
     num_rows = target_ids.shape[0]
     rows = torch.arange(num_rows, device=target_ids.device)
     t_B1 = _float(target_scores_B)[:, None]
@@ -165,7 +170,7 @@ def _rank_core(
         rank_B.index_add_(0, r, -ge_BC[r, target_ids[in_chunk] - start].long())
     # A NaN or -inf target ties with (or trails) every eligible item: the worst rank.
     worst = torch.isnan(target_scores_B) | torch.isneginf(target_scores_B)
-    if bool(worst.any()):
+    if fix_worst and bool(worst.any()):
         num_excluded = torch.bincount(excl_rows, minlength=num_rows)
         rank_B = torch.where(worst, (num_cols - 2) - num_excluded, rank_B)
     return rank_B
