@@ -62,7 +62,9 @@ class Evaluator:
         )  # fmt: skip
         metrics = RetrievalMetrics(self.cfg.eval.hr_at, self.cfg.eval.ndcg_at)
         top_k = self.cfg.eval.top_k if predictions_path is not None else None
-        rows = []
+        writer = (
+            None if predictions_path is None else _PredictionParts(predictions_path, self.info.rank, top_k)
+        )
         lockstep = task.eval_in_lockstep()
         batches = iter(data)
         while True:
@@ -79,53 +81,107 @@ class Evaluator:
             if out is None or len(out.targets) == 0:
                 continue
             metrics.update(out.ranks)
-            if predictions_path is not None:
-                rows.append(
-                    (batch.user_ids[out.rows].numpy(), out.targets.numpy(), out.top_ids.cpu().numpy())
-                )
+            if writer is not None:
+                writer.add(batch.user_ids[out.rows].numpy(), out.targets.numpy(), out.top_ids.cpu().numpy())
         result = metrics.compute()
         counters = task.eval_counters(prepared)
         if counters:
             sums = all_reduce_sum([v for pair in counters.values() for v in pair], self.info.device)
             for i, name in enumerate(counters):
                 result[name] = sums[2 * i] / sums[2 * i + 1] if sums[2 * i + 1] else float("nan")
-        if predictions_path is not None:
-            self._write_predictions(rows, predictions_path)
+        if writer is not None:
+            writer.close()
+            self._write_predictions(predictions_path)
         return result
 
-    def _write_predictions(self, rows: list, path: Path) -> None:
-        """Per user: raw user id, raw target id, top-k raw item ids in rank order (rank 0 merges)."""
-        users = np.concatenate([r[0] for r in rows]) if rows else np.zeros(0, np.int64)
-        targets = np.concatenate([r[1] for r in rows]) if rows else np.zeros(0, np.int64)
-        k = self.cfg.eval.top_k
-        top = np.concatenate([r[2] for r in rows]) if rows else np.zeros((0, k), np.int64)
-        part = path.with_name(f".{path.stem}.rank{self.info.rank}.npz")
-        np.savez(part, users=users, targets=targets, top=top)
+    def _write_predictions(self, path: Path, chunk_rows: int = 65536) -> None:
+        """Per user: raw user id, raw target id, top-k raw item ids in rank order (rank 0 merges).
+
+        Memory stays O(users) on rank 0 (the sort order), not O(users x k): the ranks' top-k lists
+        are memory-mapped and written to Parquet ``chunk_rows`` users at a time, in user order.
+        """
         dist.barrier()
         if self.info.is_main:
-            parts = [
-                np.load(path.with_name(f".{path.stem}.rank{r}.npz")) for r in range(self.info.world_size)
-            ]
-            users = np.concatenate([p["users"] for p in parts])
-            targets = np.concatenate([p["targets"] for p in parts])
-            top = np.concatenate([p["top"] for p in parts])
+            parts = [_PredictionParts.open(path, r, self.cfg.eval.top_k) for r in range(self.info.world_size)]
+            users = np.concatenate([p[0] for p in parts])
+            targets = np.concatenate([p[1] for p in parts])
+            starts = np.cumsum([0] + [len(p[0]) for p in parts])
             order = np.argsort(users, kind="stable")
             item_raw = raw_ids_by_dense(self.item_vocab_path)
             user_raw = raw_ids_by_dense(self.user_vocab_path)
-            top = top[order]
-            table = pa.table(
-                {
-                    "user_id": pa.array(user_raw[users[order]]),
-                    "target_item_id": pa.array(item_raw[targets[order]]),
-                    "top_item_ids": pa.array(list(item_raw[top])),
-                }
-            )
+            k = self.cfg.eval.top_k
             tmp = path.with_suffix(".parquet.tmp")
-            pq.write_table(table, tmp)
+            writer = None
+            for c in range(0, max(1, len(order)), chunk_rows):
+                idx = order[c : c + chunk_rows]
+                top = np.zeros((len(idx), k), np.int64)
+                for r, (_, _, top_r) in enumerate(parts):  # rows of rank r in this chunk, read from its map
+                    mine = (idx >= starts[r]) & (idx < starts[r + 1])
+                    top[mine] = top_r[idx[mine] - starts[r]]
+                offsets = pa.array(np.arange(len(idx) + 1, dtype=np.int32) * k)
+                table = pa.table(
+                    {
+                        "user_id": pa.array(user_raw[users[idx]]),
+                        "target_item_id": pa.array(item_raw[targets[idx]]),
+                        "top_item_ids": pa.ListArray.from_arrays(offsets, pa.array(item_raw[top.ravel()])),
+                    }
+                )
+                writer = writer or pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table)
+            writer.close()
             os.replace(tmp, path)
             for r in range(self.info.world_size):
-                path.with_name(f".{path.stem}.rank{r}.npz").unlink(missing_ok=True)
+                _PredictionParts.remove(path, r)
         dist.barrier()
+
+
+class _PredictionParts:
+    """One rank's predictions on disk while it evaluates: top-k rows appended to a raw int64 file
+    (so no rank holds users x k in memory), user and target ids kept (O(users))."""
+
+    def __init__(self, path: Path, rank: int, k: int):
+        self.path, self.rank, self.k = path, rank, k
+        self.users: list[np.ndarray] = []
+        self.targets: list[np.ndarray] = []
+        self.top_file = open(self._name(path, rank, "top.bin"), "wb")  # noqa: SIM115 (closed in close())
+
+    @staticmethod
+    def _name(path: Path, rank: int, what: str) -> Path:
+        return path.with_name(f".{path.stem}.rank{rank}.{what}")
+
+    def add(self, users: np.ndarray, targets: np.ndarray, top: np.ndarray) -> None:
+        self.users.append(users.astype(np.int64))
+        self.targets.append(targets.astype(np.int64))
+        self.top_file.write(np.ascontiguousarray(top, dtype=np.int64).tobytes())
+
+    def close(self) -> None:
+        self.top_file.close()
+        empty = np.zeros(0, np.int64)
+        np.save(
+            self._name(self.path, self.rank, "users.npy"), np.concatenate(self.users) if self.users else empty
+        )
+        np.save(
+            self._name(self.path, self.rank, "targets.npy"),
+            np.concatenate(self.targets) if self.targets else empty,
+        )
+
+    @classmethod
+    def open(cls, path: Path, rank: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(users, targets, top [n, k] memory-mapped)`` of a rank's closed parts."""
+        users = np.load(cls._name(path, rank, "users.npy"))
+        targets = np.load(cls._name(path, rank, "targets.npy"))
+        top_path = cls._name(path, rank, "top.bin")
+        top = (
+            np.memmap(top_path, np.int64, "r", shape=(len(users), k))
+            if len(users)
+            else np.zeros((0, k), np.int64)
+        )
+        return users, targets, top
+
+    @classmethod
+    def remove(cls, path: Path, rank: int) -> None:
+        for what in ("top.bin", "users.npy", "targets.npy"):
+            cls._name(path, rank, what).unlink(missing_ok=True)
 
 
 class UserHistory:
@@ -193,14 +249,27 @@ def evaluate_popularity(
     batch_size: int = 4096,
     ks_hr: Sequence[int] = (1, 10, 50, 200),
     ks_ndcg: Sequence[int] = (10, 50, 200),
+    history: UserHistory | None = None,
 ) -> dict[str, float]:
-    """Popularity baseline on ``split`` of a prepared data directory, item counts from its train split."""
+    """Popularity baseline on ``split`` of a prepared data directory, item counts from its train split.
+
+    Excluded per user: the eval row's items before the target, or with ``history``
+    (``eval.exclude=all_history``) also the user's train and older items. Memory O(items + batch):
+    the counts are sorted once, every batch is ranked by binary search.
+    """
     num_items = int(load_manifest(data_dir)["num_items"])
     counts = torch.zeros(num_items + 1, dtype=torch.long)
     for batch in SequenceDataset(data_dir, "train", batch_size, shuffle=False):
         counts += item_counts(batch.item_ids, num_items)
+    counts = counts.to(torch.float64)
+    sorted_counts = counts[1:].sort().values
     metrics = RetrievalMetrics(ks_hr, ks_ndcg)
     for batch in SequenceDataset(data_dir, split, batch_size, shuffle=False):
-        history, targets = split_last(batch)
-        metrics.update(popularity_ranks(counts, targets, history.item_ids, history.offsets))
+        rows, targets = split_last(batch)
+        excl_values, excl_offsets = (
+            history.exclusions(batch) if history is not None else (rows.item_ids, rows.offsets)
+        )
+        metrics.update(
+            popularity_ranks(counts, targets, excl_values, excl_offsets, sorted_counts=sorted_counts)
+        )
     return metrics.compute(all_reduce=False)
