@@ -26,6 +26,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from train.batch import SequenceBatch, jagged_concat, split_inputs_targets, split_last
 from train.config import load_train_config
 from train.distributed import DistInfo, destroy_distributed
+from train.embeddings import is_row_wise
 from train.scoring import slice_score_chunks, slice_target_scores
 from train.tasks.retrieval import RetrievalTask
 
@@ -153,6 +154,8 @@ def _worker(rank: int, world_size: int, init_file: str, sharding: str, result_fi
         tasks = {scoring: _task(sharding, scoring, info) for scoring in ("sharded", "gathered")}
         for task in tasks.values():
             task.build_tables()
+        # row_wise scores each rank's own TorchRec shard in place (the others look up equal slices).
+        assert is_row_wise(tasks["sharded"].table) == (sharding == "row_wise")
         torch.manual_seed(0)
         encoder = tasks["sharded"].build_dense().eval()
         num_batches = 3

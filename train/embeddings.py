@@ -265,11 +265,12 @@ def local_item_rows(
     moves O(rows / world) per rank once per evaluation and splits the scoring work evenly.
     """
     weight = table.module.state_dict()[table.weight_key]
-    if not table.data_parallel:
+    if is_row_wise(table):  # the same answer on every rank: the plan is shared
         shards = weight.local_shards() if isinstance(weight, ShardedTensor) else []
-        if _is_row_wise(table) and len(shards) == 1:
-            row0 = shards[0].metadata.shard_offsets[0]
-            return row0, shards[0].tensor[:, : table.embedding_dim].to(device)
+        if not shards:  # a rank without rows (a table smaller than the world): an empty range
+            return table.num_embeddings, torch.zeros(0, table.embedding_dim, device=device)
+        (shard,) = shards
+        return shard.metadata.shard_offsets[0], shard.tensor[:, : table.embedding_dim].to(device)
     world, rank = dist.get_world_size(), dist.get_rank()
     per_rank = -(-table.num_embeddings // world)
     start = min(rank * per_rank, table.num_embeddings)
@@ -284,7 +285,7 @@ def local_item_rows(
     return start, torch.cat(parts)[: stop - start]
 
 
-def _is_row_wise(table: ShardedItemTable) -> bool:
+def is_row_wise(table: ShardedItemTable) -> bool:
     """True when the plan shards the table row-wise (each rank one contiguous range of whole rows)."""
     for module_plan in table.plan.plan.values():
         spec = module_plan.get(table.name) if hasattr(module_plan, "get") else None

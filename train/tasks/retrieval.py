@@ -200,8 +200,11 @@ class RetrievalTask(Task):
         sizes = torch.tensor([num_rows, len(excl_values)], dtype=torch.long, device=device)
         all_sizes = [torch.empty_like(sizes) for _ in range(world)]
         dist.all_gather(all_sizes, sizes)
-        rows_per_rank = [int(s[0]) for s in all_sizes]
-        max_rows = max(rows_per_rank)
+        max_rows = max(int(s[0]) for s in all_sizes)
+        if max_rows == 0:  # no rank has a row left to score: nothing to exchange (the same on every rank)
+            return torch.zeros(0, dtype=torch.long), None if top_k is None else torch.zeros(
+                0, top_k, dtype=torch.long
+            )
         pad = -(-max_rows // QUERY_BLOCK) * QUERY_BLOCK
         max_values = max(int(s[1]) for s in all_sizes)
 
