@@ -26,7 +26,8 @@ def one_process_group(tmp_path):
 
 
 def test_predictions_are_written_in_user_order_chunk_by_chunk(synthetic_data, tmp_path, one_process_group):
-    """Parts of two "ranks" with interleaved users, merged 7 users at a time: the same file as a sort."""
+    """Parts of two "ranks" with interleaved users, merged 7 users at a time: the same file as a sort.
+    The lists are 3 wide with eval.top_k=5, as retrieval's are when the catalogue is smaller than top_k."""
     from train.distributed import DistInfo
 
     manifest = json.loads((synthetic_data / "manifest.json").read_text())
@@ -37,9 +38,9 @@ def test_predictions_are_written_in_user_order_chunk_by_chunk(synthetic_data, tm
     gen = np.random.default_rng(0)
     users = gen.permutation(np.arange(1, 41))
     targets = gen.integers(1, manifest["num_items"] + 1, 40)
-    top = gen.integers(0, manifest["num_items"] + 1, (40, 5))
+    top = gen.integers(0, manifest["num_items"] + 1, (40, 3))
     for rank, rows in enumerate((np.arange(0, 40, 2), np.arange(1, 40, 2))):
-        parts = _PredictionParts(path, rank, 5)
+        parts = _PredictionParts(path, rank, 3)
         for chunk in np.array_split(rows, 3):  # several eval batches per rank
             parts.add(users[chunk], targets[chunk], top[chunk])
         parts.close()

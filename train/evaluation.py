@@ -109,7 +109,7 @@ class Evaluator:
             order = np.argsort(users, kind="stable")
             item_raw = raw_ids_by_dense(self.item_vocab_path)
             user_raw = raw_ids_by_dense(self.user_vocab_path)
-            k = self.cfg.eval.top_k
+            k = max(p[2].shape[1] for p in parts)
             tmp = path.with_suffix(".parquet.tmp")
             writer = None
             for c in range(0, max(1, len(order)), chunk_rows):
@@ -117,7 +117,7 @@ class Evaluator:
                 top = np.zeros((len(idx), k), np.int64)
                 for r, (_, _, top_r) in enumerate(parts):  # rows of rank r in this chunk, read from its map
                     mine = (idx >= starts[r]) & (idx < starts[r + 1])
-                    top[mine] = top_r[idx[mine] - starts[r]]
+                    top[mine, : top_r.shape[1]] = top_r[idx[mine] - starts[r]]
                 offsets = pa.array(np.arange(len(idx) + 1, dtype=np.int32) * k)
                 table = pa.table(
                     {
@@ -167,16 +167,15 @@ class _PredictionParts:
 
     @classmethod
     def open(cls, path: Path, rank: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(users, targets, top [n, k] memory-mapped)`` of a rank's closed parts."""
+        """``(users, targets, top [n, width] memory-mapped)`` of a rank's closed parts (``k`` if empty)."""
         users = np.load(cls._name(path, rank, "users.npy"))
         targets = np.load(cls._name(path, rank, "targets.npy"))
         top_path = cls._name(path, rank, "top.bin")
-        top = (
-            np.memmap(top_path, np.int64, "r", shape=(len(users), k))
-            if len(users)
-            else np.zeros((0, k), np.int64)
-        )
-        return users, targets, top
+        if not len(users):
+            return users, targets, np.zeros((0, k), np.int64)
+        # The lists' width is the task's (retrieval: min(top_k, num_items)), read back from the file size.
+        width = top_path.stat().st_size // (8 * len(users))
+        return users, targets, np.memmap(top_path, np.int64, "r", shape=(len(users), width))
 
     @classmethod
     def remove(cls, path: Path, rank: int) -> None:

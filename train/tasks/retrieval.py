@@ -202,9 +202,8 @@ class RetrievalTask(Task):
         dist.all_gather(all_sizes, sizes)
         max_rows = max(int(s[0]) for s in all_sizes)
         if max_rows == 0:  # no rank has a row left to score: nothing to exchange (the same on every rank)
-            return torch.zeros(0, dtype=torch.long), None if top_k is None else torch.zeros(
-                0, top_k, dtype=torch.long
-            )
+            no_top = None if top_k is None else torch.zeros(0, top_k, dtype=torch.long)
+            return torch.zeros(0, dtype=torch.long), no_top
         pad = -(-max_rows // QUERY_BLOCK) * QUERY_BLOCK
         max_values = max(int(s[1]) for s in all_sizes)
 
