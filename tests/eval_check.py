@@ -5,7 +5,8 @@
 Builds a ``Trainer`` from the config, trains it (``run.epochs``), then scores every valid row one
 user at a time through the *training* path: raw rows of the sharded table through ``lookup`` into
 the DeepSpeed engine's module, cosine against every item, history excluded, rank counted with ties
-against the target. Prints ``{"trainer": Trainer.evaluate("valid"), "brute_force": ...}``.
+against the target; the items excluded follow ``eval.exclude`` (read independently from the split
+files, not through train.evaluation.UserHistory). Prints ``{"trainer": Trainer.evaluate("valid"), "brute_force": ...}``.
 """
 
 from __future__ import annotations
@@ -34,10 +35,23 @@ def brute_force_valid(trainer: Trainer) -> dict:
     raw = lookup(trainer.task.table, torch.arange(trainer.num_items + 1), device).float()
     unit = F.normalize(raw, dim=-1)
     manifest = load_manifest(cfg.data.dir)
+    # eval.exclude=all_history: every item of the user's train and older rows, plus the valid row's.
+    seen: dict[int, set[int]] = {}
+    for split in ("train", "older") if cfg.eval.exclude == "all_history" else ():
+        for entry in manifest["splits"].get(split, {}).get("files", []):
+            table = pq.read_table(f"{cfg.data.dir}/{entry['path']}", columns=["user_id", "item_ids"])
+            for user, items in zip(table["user_id"].to_pylist(), table["item_ids"].to_pylist()):
+                seen.setdefault(user, set()).update(items)
     hits, ndcg, rr = [], [], []
     for entry in manifest["splits"]["valid"]["files"]:
-        table = pq.read_table(f"{cfg.data.dir}/{entry['path']}", columns=["item_ids", "timestamps"])
-        for items, stamps in zip(table["item_ids"].to_pylist(), table["timestamps"].to_pylist()):
+        table = pq.read_table(
+            f"{cfg.data.dir}/{entry['path']}", columns=["user_id", "item_ids", "timestamps"]
+        )
+        rows = zip(
+            table["user_id"].to_pylist(), table["item_ids"].to_pylist(), table["timestamps"].to_pylist()
+        )
+        for user, items, stamps in rows:
+            whole_row = items
             items = items[-(cfg.model.max_seq_len + 1) :]
             if len(items) < 2:
                 continue
@@ -55,7 +69,10 @@ def brute_force_valid(trainer: Trainer) -> dict:
                 target_ts,
             )[-1]
             scores = (unit @ query).cpu().numpy().astype(np.float64)
-            excluded = set(inputs) - {target}
+            if cfg.eval.exclude == "all_history":
+                excluded = (set(whole_row[:-1]) | seen.get(user, set())) - {target}
+            else:
+                excluded = set(inputs) - {target}
             eligible = [i for i in range(1, trainer.num_items + 1) if i not in excluded and i != target]
             rank = int(sum(scores[i] >= scores[target] for i in eligible))  # ties count against
             hits.append(rank < 10)

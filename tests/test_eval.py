@@ -19,11 +19,14 @@ from tests.conftest import ROOT, TINY_MODEL
 pytestmark = [pytest.mark.slow]
 
 
-def test_evaluate_equals_brute_force_through_the_training_path(synthetic_data, tmp_path):
+# all_history (the default) excludes the train and older rows too: the fixture's data has older windows.
+@pytest.mark.parametrize("exclude", ["all_history", "input_window"])
+def test_evaluate_equals_brute_force_through_the_training_path(synthetic_data, tmp_path, exclude):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
-    args = [f"data.dir={synthetic_data}", *TINY_MODEL, "run.epochs=1", f"run.output_dir={tmp_path / 'run'}"]
+    args = [f"data.dir={synthetic_data}", *TINY_MODEL, "run.epochs=1", f"run.output_dir={tmp_path / 'run'}",
+            f"eval.exclude={exclude}"]  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "tests.eval_check", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -20,7 +20,10 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-__all__ = ["ModelInputs", "SequenceBatch", "collate_rows", "split_inputs_targets", "split_last"]
+__all__ = [
+    "ModelInputs", "SequenceBatch", "collate_rows", "jagged_concat", "jagged_select_rows",
+    "split_inputs_targets", "split_last",
+]  # fmt: skip
 
 
 @dataclass
@@ -222,3 +225,28 @@ def split_inputs_targets(batch: SequenceBatch, max_seq_len: int, last_only: bool
         ts, target_ts = batch.timestamps[in_mask], batch.timestamps[after_first]
     targets = batch.item_ids[keep & last] if last_only else batch.item_ids[after_first]
     return ModelInputs(input_ids, offsets, ts, target_ts, targets, keep_rows)
+
+
+def jagged_select_rows(values: Tensor, offsets: Tensor, keep_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows of a jagged ``(values [T], offsets [B+1])`` where ``keep_rows`` [B] is True."""
+    lengths = offsets[1:] - offsets[:-1]
+    row_of = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    kept = lengths[keep_rows]
+    out_offsets = torch.zeros(len(kept) + 1, dtype=torch.long)
+    torch.cumsum(kept, 0, out=out_offsets[1:])
+    return values[keep_rows[row_of]], out_offsets
+
+
+def jagged_concat(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Row-wise concatenation of two jagged ``(values, offsets)`` with the same rows: row i is a_i + b_i."""
+    (a_values, a_offsets), (b_values, b_offsets) = a, b
+    a_len, b_len = a_offsets[1:] - a_offsets[:-1], b_offsets[1:] - b_offsets[:-1]
+    offsets = torch.zeros(len(a_len) + 1, dtype=torch.long)
+    torch.cumsum(a_len + b_len, 0, out=offsets[1:])
+    # Position of every element in the output: its row's start, plus (for b) the row's a-length.
+    a_row = torch.repeat_interleave(torch.arange(len(a_len)), a_len)
+    b_row = torch.repeat_interleave(torch.arange(len(b_len)), b_len)
+    values = torch.empty(int(offsets[-1]), dtype=torch.long)
+    values[offsets[a_row] + torch.arange(len(a_values)) - a_offsets[a_row]] = a_values.long()
+    values[offsets[b_row] + a_len[b_row] + torch.arange(len(b_values)) - b_offsets[b_row]] = b_values.long()
+    return values, offsets

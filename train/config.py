@@ -202,6 +202,20 @@ class EvalConfig:
     # Cut-offs of the reported metrics: hr@k (= Recall@k with one target) and ndcg@k.
     hr_at: list[int] = field(default_factory=lambda: [1, 10, 50, 200])
     ndcg_at: list[int] = field(default_factory=lambda: [10, 50, 200])
+    # Items never recommended (and never counted above the target; the target itself always counts):
+    #   all_history   every item the user interacted with before the target: the eval row, the train
+    #                 row and the "older" rows that the data job's max_seq_len cut (what a user of the
+    #                 recommendations expects: nothing they already have). Complete when the data was
+    #                 prepared with split.older_windows=true; otherwise a warning counts the rows cut.
+    #   input_window  only the model's input (the last model.max_seq_len items), as the HSTU reference
+    #                 and the published ML-1M numbers do: set it to compare with those numbers.
+    exclude: Literal["all_history", "input_window"] = "all_history"
+    # How items are ranked over the catalogue (both exact and identical, train/scoring.py):
+    #   sharded   each rank scores every rank's users against its own part of the item table, and the
+    #             per-rank counts and top-k lists are merged: O(items / world) memory per rank;
+    #   gathered  the whole table is gathered on every rank first: O(items) per rank (the old path,
+    #             kept for benchmarks/scale_bench.py).
+    scoring: Literal["sharded", "gathered"] = "sharded"
 
     def validate(self) -> None:
         for key in ("hr_at", "ndcg_at"):

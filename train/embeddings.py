@@ -238,11 +238,55 @@ def lookup(table: ShardedItemTable, ids: Tensor, device: torch.device) -> Tensor
     # One sequence of all ids; for data_parallel one sequence per id, because TorchRec's dense kernel
     # for an EmbeddingCollection returns one row per sequence on CPU (a sum) instead of one per id.
     if table.data_parallel:
+        if len(ids) == 0:  # the dense kernel cannot look up nothing; a replicated lookup is no collective
+            return torch.zeros(0, table.embedding_dim, device=device)
         lengths = torch.ones(len(ids), dtype=torch.long)
     else:
         lengths = torch.tensor([len(ids)])
     kjt = KeyedJaggedTensor(keys=[table.feature], values=ids, lengths=lengths).to(device)
     return table.module(kjt)[table.feature].values()[:, : table.embedding_dim]
+
+
+@torch.no_grad()
+def local_item_rows(
+    table: ShardedItemTable, device: torch.device, chunk_rows: int = 65536
+) -> tuple[int, Tensor]:
+    """``(first_id, rows [S, D])``: a contiguous range of whole table rows for this rank, the ranges of
+    the ranks partitioning the table in rank order (a collective). Nothing is gathered.
+
+    row_wise: the rank's own TorchRec shard, read in place (no communication). Other types hold no
+    such range (table_wise: one rank has everything; column_wise: every rank has some columns of
+    every row), so each rank looks up an equal slice of the ids through the sharded module; that
+    moves O(rows / world) per rank once per evaluation and splits the scoring work evenly.
+    """
+    weight = table.module.state_dict()[table.weight_key]
+    if is_row_wise(table):  # the same answer on every rank: the plan is shared
+        shards = weight.local_shards() if isinstance(weight, ShardedTensor) else []
+        if not shards:  # a rank without rows (a table smaller than the world): an empty range
+            return table.num_embeddings, torch.zeros(0, table.embedding_dim, device=device)
+        (shard,) = shards
+        return shard.metadata.shard_offsets[0], shard.tensor[:, : table.embedding_dim].to(device)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per_rank = -(-table.num_embeddings // world)
+    start = min(rank * per_rank, table.num_embeddings)
+    stop = min(start + per_rank, table.num_embeddings)
+    if table.data_parallel:  # every rank holds the whole table: take this rank's slice of it
+        return start, weight[start:stop, : table.embedding_dim].to(device)
+    # Every rank makes the same number of lookups (a collective), some of them maybe empty.
+    parts = [
+        lookup(table, torch.arange(start + c, min(start + c + chunk_rows, stop), dtype=torch.long), device)
+        for c in range(0, per_rank, chunk_rows)
+    ]
+    return start, torch.cat(parts)[: stop - start]
+
+
+def is_row_wise(table: ShardedItemTable) -> bool:
+    """True when the plan shards the table row-wise (each rank one contiguous range of whole rows)."""
+    for module_plan in table.plan.plan.values():
+        spec = module_plan.get(table.name) if hasattr(module_plan, "get") else None
+        if spec is not None:
+            return spec.sharding_type == "row_wise"
+    return False
 
 
 @torch.no_grad()

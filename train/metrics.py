@@ -142,8 +142,13 @@ def _rank_core(
     target_ids: Tensor,
     excl_rows: Tensor,
     excl_items: Tensor,
+    fix_worst: bool = True,
 ) -> Tensor:
-    """Pessimistic rank: eligible items (not padding, not excluded, not the target) scoring >= the target."""
+    """Pessimistic rank: eligible items (not padding, not excluded, not the target) scoring >= the target.
+
+    ``fix_worst=False`` leaves NaN/-inf targets to the caller (a count over part of the items,
+    ``train/scoring.py``, where the worst rank is only known after the parts are summed).
+    """
     num_rows = target_ids.shape[0]
     rows = torch.arange(num_rows, device=target_ids.device)
     t_B1 = _float(target_scores_B)[:, None]
@@ -165,7 +170,7 @@ def _rank_core(
         rank_B.index_add_(0, r, -ge_BC[r, target_ids[in_chunk] - start].long())
     # A NaN or -inf target ties with (or trails) every eligible item: the worst rank.
     worst = torch.isnan(target_scores_B) | torch.isneginf(target_scores_B)
-    if bool(worst.any()):
+    if fix_worst and bool(worst.any()):
         num_excluded = torch.bincount(excl_rows, minlength=num_rows)
         rank_B = torch.where(worst, (num_cols - 2) - num_excluded, rank_B)
     return rank_B
@@ -404,18 +409,22 @@ def popularity_ranks(
     target_ids: Tensor,
     exclude_values: Tensor | None,
     exclude_offsets: Tensor | None,
+    *,
+    sorted_counts: Tensor | None = None,
 ) -> Tensor:
     """Ranks [B] of the popularity recommender (score = train count), same protocol and tie policy.
 
     Equivalent to ``rank_of_targets(counts.expand(B, -1), ...)`` but O(B log N + T) with no matrix:
     rank = #items with count >= the target's, minus the target, minus excluded history items that
-    also have count >= the target's.
+    also have count >= the target's. Over many batches, pass ``train_item_counts`` as float64 and
+    ``sorted_counts`` = ``counts[1:].sort().values`` once: the sort is O(N log N), seconds at 10^7 items.
     """
-    counts = train_item_counts.to(torch.float64).cpu().clone()
+    counts = train_item_counts.to(torch.float64).cpu()  # only read below: no copy when already float64
     num_cols = counts.shape[0]
     _check_targets(target_ids, num_cols)
     target_ids = target_ids.cpu().long()
-    sorted_counts = counts[1:].sort().values  # padding is never a candidate
+    if sorted_counts is None:
+        sorted_counts = counts[1:].sort().values  # padding is never a candidate
     t_B = counts[target_ids]
     # items with count >= t  =  N - #items with count < t
     rank_B = (num_cols - 1) - torch.searchsorted(sorted_counts, t_B, right=False) - 1

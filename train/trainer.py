@@ -492,7 +492,8 @@ class Trainer:
                 log_recommender_model(self.tracker, encoder=log_encoder, item_table_ID=log_table,
                                       config_path=self.output_dir / "config.yaml", data_dir=self.cfg.data.dir)  # fmt: skip
             # The reference point every number should be read against (counts from the train split).
-            final["popularity_test"] = evaluate_popularity(self.cfg.data.dir, "test")
+            history = self.evaluator.history if self.cfg.eval.exclude == "all_history" else None
+            final["popularity_test"] = evaluate_popularity(self.cfg.data.dir, "test", history=history)
             logger.info("popularity baseline, test: %s", _fmt(final["popularity_test"]))
             path = self.output_dir / "final_metrics.json"
             path.write_text(json.dumps(final, indent=2))

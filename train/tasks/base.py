@@ -13,7 +13,7 @@ The life of a task inside the trainer::
     per step:  n = task.count_targets(batch, ctx)          # all-reduced: the global loss denominator
                loss_sum = task.train_loss(batch, ctx)      # the trainer scales, backwards, steps
     eval:      prepared = task.prepare_eval(dense_replica) # e.g. gather a table (a collective)
-               out = task.eval_batch(batch, prepared, ctx) # ranks of the targets + top-k ids
+               out = task.eval_batch(batch, prepared, top_k)  # ranks of the targets + top-k ids
     planning:  TaskClass.memory_model(cfg)                 # per-rank memory terms (cluster/memory.py)
 
 Every collective a task makes (table lookups) must happen the same number of times on every rank;
@@ -138,8 +138,25 @@ class Task(abc.ABC):
         """Once per evaluation, on every rank (may be a collective): what ``eval_batch`` needs."""
 
     @abc.abstractmethod
-    def eval_batch(self, batch: SequenceBatch, prepared: Any, top_k: int | None) -> EvalOutput:
-        """Rank every eligible item for each row's last item (the target), history excluded."""
+    def eval_batch(
+        self,
+        batch: SequenceBatch | None,
+        prepared: Any,
+        top_k: int | None,
+        exclude: tuple[Tensor, Tensor] | None = None,
+    ) -> EvalOutput | None:
+        """Rank every eligible item for each row's last item (the target), history excluded.
+
+        ``exclude``: the items to exclude per row of the batch, jagged ``(values, offsets [B+1])``
+        (``eval.exclude=all_history``, built by the evaluator); None: the task's own history (its
+        input). ``batch`` is None only for a task that evaluates in lockstep (``eval_in_lockstep``),
+        on a rank that has run out of batches while others have not: it must still make the same
+        collectives, and returns None.
+        """
+
+    def eval_in_lockstep(self) -> bool:
+        """True when ``eval_batch`` is a collective: every rank then calls it the same number of times."""
+        return False
 
     def eval_counters(self, prepared: Any) -> dict[str, tuple[float, float]]:
         """Extra eval metrics of this rank as ``{name: (numerator, denominator)}``, summed over ranks

@@ -4,7 +4,8 @@ Parts: one TorchRec item table (``item_table``, ``num_items + 1`` rows, row 0 pa
 sequence encoder (``train/models``) in the DeepSpeed engine. A training row is used autoregressively:
 every item after the first is the target of the prefix before it. The loss is a softmax over
 L2-normalised embeddings against sampled, in-batch or all items (``loss:`` section). Evaluation
-scores the last position's query against every item of the gathered table, history excluded.
+scores the last position's query against every item, history excluded: each rank against its own
+part of the table (``eval.scoring=sharded``, ``train/scoring.py``) or against the gathered table.
 
 Randomness (negatives, dropout) is a function of (seed, step, rank), so a resumed run draws exactly
 what the uninterrupted run would have drawn.
@@ -18,13 +19,13 @@ import logging
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cluster.memory import FamilyMemory, RetrievalMemory
-from train.batch import SequenceBatch, split_inputs_targets
-from train.embeddings import ShardedItemTable, build_item_table, gather_full_table
-from train.metrics import rank_of_targets, topk_items
+from train.batch import SequenceBatch, jagged_select_rows, split_inputs_targets
+from train.embeddings import ShardedItemTable, build_item_table, gather_full_table, local_item_rows, lookup
 from train.models import (
     build_encoder,
     full_softmax_loss,
@@ -33,14 +34,16 @@ from train.models import (
     sampled_softmax_loss,
 )
 from train.models.config import HSTUConfig
+from train.scoring import QUERY_BLOCK, score_slice
 from train.tasks.base import EvalOutput, StepContext, Task
 
 logger = logging.getLogger(__name__)
 
 
 class _EvalState(NamedTuple):
-    raw_ID: Tensor  # the gathered table (model inputs)
-    unit_ID: Tensor  # its L2-normalised rows (scores)
+    raw_ID: Tensor | None  # eval.scoring=gathered: the whole table (model inputs); sharded: None
+    unit_ID: Tensor  # L2-normalised rows first_id.. of the table (scores): all of it, or this rank's
+    first_id: int
     encoder: nn.Module
 
 
@@ -134,30 +137,111 @@ class RetrievalTask(Task):
 
     def prepare_eval(self, dense: nn.Module) -> Any:
         # Inputs take the raw rows, as in training; scores use the L2-normalised rows, as the loss does.
-        raw_ID = gather_full_table(self.table, self.device).float()
-        return _EvalState(raw_ID, F.normalize(raw_ID, dim=-1), dense)
+        if self.cfg.eval.scoring == "gathered":
+            raw_ID = gather_full_table(self.table, self.device).float()
+            return _EvalState(raw_ID, F.normalize(raw_ID, dim=-1), 0, dense)
+        # sharded: this rank's contiguous rows only; inputs are looked up through the sharded table.
+        first_id, rows = local_item_rows(self.table, self.device)
+        return _EvalState(None, F.normalize(rows.float(), dim=-1), first_id, dense)
 
-    def eval_batch(self, batch: SequenceBatch, prepared: _EvalState, top_k: int | None) -> EvalOutput:
+    def eval_in_lockstep(self) -> bool:
+        return self.cfg.eval.scoring == "sharded"
+
+    def eval_batch(
+        self,
+        batch: SequenceBatch | None,
+        prepared: _EvalState,
+        top_k: int | None,
+        exclude: tuple[Tensor, Tensor] | None = None,
+    ) -> EvalOutput | None:
+        sharded = prepared.raw_ID is None
+        if batch is None:  # sharded only: this rank has no rows left but still joins the collectives
+            batch = SequenceBatch(*(torch.zeros(n, dtype=torch.long) for n in (0, 0, 0, 1)), None)
         inputs = split_inputs_targets(batch, self.max_seq_len, last_only=True)
         input_ids, offsets, targets = inputs.input_ids, inputs.offsets, inputs.targets
+        if exclude is None:  # eval.exclude=input_window: the model's input, as the HSTU reference
+            excl_values, excl_offsets = input_ids, offsets
+        else:
+            excl_values, excl_offsets = jagged_select_rows(*exclude, inputs.keep_rows)
+        if sharded:  # a collective: every rank looks up, even with no rows
+            input_emb = lookup(self.table, input_ids, self.device).float()
+        else:
+            if len(targets) == 0:
+                return EvalOutput.empty(inputs.keep_rows, top_k)
+            input_emb = prepared.raw_ID[input_ids.to(self.device)]
+        query_BD = input_emb.new_zeros(0, self.model_cfg.embedding_dim)
+        if len(targets):
+            offsets_d = offsets.to(self.device)
+            max_len = int((offsets[1:] - offsets[:-1]).max())
+            query_TD = prepared.encoder(input_emb, offsets_d, max_len, *inputs.times_on(self.device))
+            query_BD = query_TD[offsets_d[1:] - 1].float()
+        if sharded:
+            ranks, top = self._score_over_ranks(prepared, query_BD, targets, excl_values, excl_offsets, top_k)
+        else:
+            ranks, top = score_slice(
+                query_BD, prepared.unit_ID, 0, self.num_items, targets.to(self.device),
+                excl_values.to(self.device), excl_offsets.to(self.device), top_k, group_reduce=False,
+            )  # fmt: skip
         if len(targets) == 0:
             return EvalOutput.empty(inputs.keep_rows, top_k)
-        input_ids_d, offsets_d = input_ids.to(self.device), offsets.to(self.device)
-        max_len = int((offsets[1:] - offsets[:-1]).max())
-        query_TD = prepared.encoder(
-            prepared.raw_ID[input_ids_d], offsets_d, max_len, *inputs.times_on(self.device)
-        )
-        query_BD = query_TD[offsets_d[1:] - 1]
-        scores_BI = query_BD @ prepared.unit_ID.T
-        targets_d = targets.to(self.device)
-        ranks = rank_of_targets(scores_BI, targets_d, input_ids_d, offsets_d)
-        top = None
-        if top_k is not None:
-            # The target is never excluded (as in rank_of_targets), so the top list reproduces the ranks.
-            top = topk_items(
-                scores_BI, input_ids_d, offsets_d, k=min(top_k, self.num_items), keep_ids=targets_d
-            )
-        return EvalOutput(inputs.keep_rows, targets, ranks, top)
+        return EvalOutput(inputs.keep_rows, targets, ranks.cpu(), None if top is None else top.cpu())
+
+    def _score_over_ranks(
+        self,
+        prepared: _EvalState,
+        query_BD: Tensor,
+        targets: Tensor,
+        excl_values: Tensor,
+        excl_offsets: Tensor,
+        top_k: int | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Every rank's queries against every rank's slice (collectives); this rank's rows of the result.
+
+        Each rank's rows are padded to the same multiple of QUERY_BLOCK before concatenation, so a
+        query sits at the same position in its query block as on the gathered path (identical bits).
+        """
+        world, rank, device = self.info.world_size, self.info.rank, self.device
+        num_rows = len(targets)
+        sizes = torch.tensor([num_rows, len(excl_values)], dtype=torch.long, device=device)
+        all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+        dist.all_gather(all_sizes, sizes)
+        max_rows = max(int(s[0]) for s in all_sizes)
+        if max_rows == 0:  # no rank has a row left to score: nothing to exchange (the same on every rank)
+            no_top = None if top_k is None else torch.zeros(0, top_k, dtype=torch.long)
+            return torch.zeros(0, dtype=torch.long), no_top
+        pad = -(-max_rows // QUERY_BLOCK) * QUERY_BLOCK
+        max_values = max(int(s[1]) for s in all_sizes)
+
+        def gather_padded(x: Tensor, length: int, fill: float = 0) -> Tensor:
+            padded = torch.full((length, *x.shape[1:]), fill, dtype=x.dtype, device=device)
+            padded[: len(x)] = x.to(device)
+            parts = [torch.empty_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded)
+            return torch.cat(parts)
+
+        query_all = gather_padded(query_BD, pad)
+        # Padding rows get the dummy target 1 and nothing excluded; their results are dropped.
+        targets_all = gather_padded(targets, pad, fill=1)
+        lengths_all = gather_padded(excl_offsets[1:] - excl_offsets[:-1], pad)
+        values_all = gather_padded(excl_values, max_values)
+        # Rank r's values sit at [r * max_values, ...): rebuild one jagged list over all padded rows.
+        row_rank = torch.arange(world * pad, device=device) // max(pad, 1)
+        starts_in_rank = torch.zeros_like(lengths_all)
+        for r in range(world):
+            lens = lengths_all[r * pad : (r + 1) * pad]
+            starts_in_rank[r * pad : (r + 1) * pad] = torch.cumsum(lens, 0) - lens
+        starts = row_rank * max_values + starts_in_rank
+        row_of = torch.repeat_interleave(torch.arange(world * pad, device=device), lengths_all)
+        pos = torch.arange(len(row_of), device=device) - (torch.cumsum(lengths_all, 0) - lengths_all)[row_of]
+        excl_all = values_all[starts[row_of] + pos]
+        offsets_all = torch.zeros(world * pad + 1, dtype=torch.long, device=device)
+        torch.cumsum(lengths_all, 0, out=offsets_all[1:])
+        ranks, top = score_slice(
+            query_all, prepared.unit_ID, prepared.first_id, self.num_items, targets_all, excl_all,
+            offsets_all, top_k, group_reduce=True,
+        )  # fmt: skip
+        mine = slice(rank * pad, rank * pad + num_rows)
+        return ranks[mine], None if top is None else top[mine]
 
     # ---------------------------------------------------------------------------- description
 

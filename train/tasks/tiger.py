@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from cluster.memory import BatchShape, FamilyMemory, stored_width
 from data_pipeline.semantic_ids.table import read_semantic_ids
-from train.batch import SequenceBatch, split_last
+from train.batch import SequenceBatch, jagged_select_rows, split_last
 from train.config import LossConfig
 from train.embeddings import ShardedItemTable, build_table, gather_full_table
 from train.metrics import ranks_from_topk
@@ -182,7 +182,13 @@ class TigerTask(Task):
             self._trie = trie.to(self.device)
         return _EvalState(dense, token_emb, self._trie)
 
-    def eval_batch(self, batch: SequenceBatch, prepared: _EvalState, top_k: int | None) -> EvalOutput:
+    def eval_batch(
+        self,
+        batch: SequenceBatch,
+        prepared: _EvalState,
+        top_k: int | None,
+        exclude: tuple[Tensor, Tensor] | None = None,
+    ) -> EvalOutput:
         history, targets = split_last(batch)
         keep_rows = batch.lengths >= 2
         targets = targets[keep_rows]
@@ -212,7 +218,12 @@ class TigerTask(Task):
         top_BK = torch.where(
             result.item_index_BK >= 0, result.item_index_BK + 1, 0
         ).cpu()  # trie row -> dense id
-        top_BK = _drop_history(top_BK, hist_values, hist_offsets, targets)
+        # Beam search cannot skip items, so excluded ones are dropped from its list afterwards: the
+        # row's history (input_window: all of the stored row, as before), or what the evaluator gave.
+        excl_values, excl_offsets = hist_values, hist_offsets
+        if exclude is not None:
+            excl_values, excl_offsets = jagged_select_rows(*exclude, keep_rows)
+        top_BK = _drop_history(top_BK, excl_values, excl_offsets, targets)
         ranks = ranks_from_topk(top_BK, targets)
         top = None if top_k is None else _pad_to(top_BK, top_k)
         return EvalOutput(keep_rows, targets, ranks, top)
