@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 
 from train.config import EmbeddingTableConfig
@@ -72,3 +73,32 @@ def _worker(rank: int, world_size: int, init_file: str) -> None:
 
 def test_semantic_id_items_sum_their_code_rows_and_train_them(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+
+
+@pytest.mark.slow
+def test_trainer_with_semantic_id_items(train_runs, synthetic_semantic_ids):
+    """model.item_embedding=semantic_ids through the real trainer (2 processes, row-wise code table):
+    it learns, and its checkpoint holds the code table, one row per code and level, not an item table."""
+    import json
+
+    from data_pipeline.semantic_ids.fallback import load_checkpoint_item_table
+    from data_pipeline.semantic_ids.table import read_semantic_ids
+    from tests.test_trainer import EXACT
+
+    args = [*EXACT, "model.item_embedding=semantic_ids", f"model.semantic_ids_dir={synthetic_semantic_ids}",
+            "embeddings.sharding_type=row_wise", "run.epochs=3"]  # fmt: skip
+    run = train_runs(args, nproc=2)
+    losses = run.losses
+    steps = sorted(losses)
+    assert losses[steps[-1]] < 0.8 * losses[steps[0]], losses
+    assert run.final["test"]["num_users"] > 0 and run.final["test"]["hr@10"] > 0
+    checkpoint = sorted((run.output_dir / "checkpoints").glob("step_*"))[-1]
+    sid = read_semantic_ids(synthetic_semantic_ids)
+    meta = dcp.FileSystemReader(str(checkpoint / "sparse")).read_metadata()
+    keys = [k for k in meta.state_dict_metadata if k.endswith(".weight") and ".model." in k]
+    assert keys and all(k.startswith("item_code_table.") for k in keys), keys
+    (weight,) = keys
+    assert meta.state_dict_metadata[weight].size[0] == 1 + sum(sid.codebook_sizes)
+    assert json.loads((checkpoint / "meta.json").read_text())["num_items"] > 0
+    with pytest.raises(ValueError, match="no 'item_table'"):
+        load_checkpoint_item_table(checkpoint)  # the text fallback needs a free item table

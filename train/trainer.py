@@ -39,7 +39,6 @@ from train import checkpoint as ckpt
 from train.batch import SequenceBatch
 from train.config import TrainConfig
 from train.distributed import DistInfo, all_reduce_sum
-from train.embeddings import gather_full_table
 from train.evaluation import Evaluator, evaluate_popularity
 from train.reader import SequenceDataset, load_manifest
 from train.run_lock import acquire_run_lock
@@ -484,7 +483,7 @@ class Trainer:
         logger.info("test: %s", _fmt(test))
         log_model = self.cfg.tracking.log_model and self.task.servable
         if log_model:  # collectives: every rank gathers, rank 0 logs
-            log_table, log_encoder = gather_full_table(self.task.table, self.device), self._eval_module()
+            log_table, log_encoder = self.task.full_item_table(self.device), self._eval_module()
         if self.info.is_main:
             if self.cfg.tracking.log_dataset:
                 log_dataset_input(self.tracker, self.cfg.data.dir, self.manifest)

@@ -45,9 +45,19 @@ class SequenceEncoderConfig:
     attn_dropout: float = 0.0  # dropout on the attention weights
     max_seq_len: int = 200  # the most recent items a row keeps as input; positions table size
     jagged: bool = True  # jagged values (fbgemm kernels) vs the padded pure-PyTorch reference path
+    # How an item is embedded (train/item_embeddings.py): "id", a free row per item; "semantic_ids",
+    # the sum of its codes' rows (one row per code and level), codes from semantic_ids_dir.
+    item_embedding: Literal["id", "semantic_ids"] = "id"
+    semantic_ids_dir: str = ""
 
     def validate(self) -> None:
         """Raise ``ConfigError`` naming the ``model.*`` key for values the types cannot rule out."""
+        if self.item_embedding == "semantic_ids" and not self.semantic_ids_dir:
+            raise ConfigError(
+                "model.semantic_ids_dir",
+                "is empty but model.item_embedding=semantic_ids: give a semantic-ID table of data.dir's items "
+                "(python -m data_pipeline semantic-ids, or semantic-ids-reference)",
+            )
         positive = {f: getattr(self, f) for f in self._positive_fields()}
         for key, value in positive.items():
             if value < 1:

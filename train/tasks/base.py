@@ -97,9 +97,14 @@ class EvalOutput:
 class Task(abc.ABC):
     """A model family: builds its parts, computes the training loss, ranks items for evaluation."""
 
-    # True when train/serving.py can load the family as an MLflow logged model (an item table
-    # ``self.table`` scored by the dense module's last query); tracking.log_model skips the others.
+    # True when train/serving.py can load the family as an MLflow logged model (every item's
+    # embedding, ``full_item_table``, scored by the dense module's last query); tracking.log_model
+    # skips the others.
     servable = False
+
+    def full_item_table(self, device: torch.device) -> Tensor:
+        """Every item's input embedding, row d = item d (a collective). Servable tasks implement it."""
+        raise NotImplementedError(f"{type(self).__name__} is not servable")
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, manifest: dict):
         self.cfg, self.info, self.manifest = cfg, info, manifest

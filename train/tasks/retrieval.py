@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from cluster.memory import FamilyMemory, RetrievalMemory
 from train.batch import SequenceBatch, jagged_select_rows, split_inputs_targets
-from train.embeddings import ShardedItemTable, build_item_table, gather_full_table, local_item_rows, lookup
+from train.embeddings import ShardedItemTable, local_item_rows, lookup
+from train.item_embeddings import build_item_embeddings
 from train.models import (
     build_encoder,
     full_softmax_loss,
@@ -34,6 +35,7 @@ from train.models import (
     sampled_softmax_loss,
 )
 from train.models.config import HSTUConfig
+from train.reader import raw_ids_by_dense, vocab_path
 from train.scoring import QUERY_BLOCK, score_slice
 from train.tasks.base import EvalOutput, StepContext, Task
 
@@ -73,11 +75,22 @@ class RetrievalTask(Task):
                 "%s has no timestamps: HSTU's relative attention bias uses positions only", self.cfg.data.dir
             )
 
+    @property
+    def semantic_items(self) -> bool:
+        """Items embedded as sums of semantic-ID code rows (``model.item_embedding=semantic_ids``)."""
+        return self.model_cfg.item_embedding == "semantic_ids"
+
     def build_tables(self) -> dict[str, ShardedItemTable]:
-        self.table = build_item_table(
-            self.cfg.embeddings, self.num_items, self.model_cfg.embedding_dim, self.device, self.cfg.run.seed
-        )
-        return {self.table.name: self.table}
+        raw_ids = None
+        if self.semantic_items:
+            raw_ids = raw_ids_by_dense(vocab_path(self.cfg.data.dir, self.manifest, "items"))[1:].tolist()
+        self.items, tables = build_item_embeddings(self.cfg, self.num_items, raw_ids, self.device)
+        self.table = self.items.table
+        return tables
+
+    def full_item_table(self, device: torch.device) -> Tensor:
+        """Every item's input embedding, row d = item d (a collective): for serving."""
+        return self.items.full(device)
 
     def build_dense(self) -> nn.Module:
         return build_encoder(self.model_cfg)
@@ -114,7 +127,7 @@ class RetrievalTask(Task):
         unique_ids, inverse = torch.unique(
             torch.cat([input_ids, targets, neg_ids.reshape(-1)]), return_inverse=True
         )
-        emb_UD = ctx.lookup(self.table, unique_ids)
+        emb_UD = self.items.lookup(unique_ids, ctx)
         inverse = inverse.to(ctx.device)
         num_inputs, num_targets = len(input_ids), len(targets)
         seq_emb = emb_UD[inverse[:num_inputs]].to(ctx.dense_dtype)
@@ -137,15 +150,16 @@ class RetrievalTask(Task):
 
     def prepare_eval(self, dense: nn.Module) -> Any:
         # Inputs take the raw rows, as in training; scores use the L2-normalised rows, as the loss does.
-        if self.cfg.eval.scoring == "gathered":
-            raw_ID = gather_full_table(self.table, self.device).float()
+        # Semantic-ID items are sums over a code table: compose them all (no per-shard item rows).
+        if self.cfg.eval.scoring == "gathered" or self.semantic_items:
+            raw_ID = self.items.full(self.device).float()
             return _EvalState(raw_ID, F.normalize(raw_ID, dim=-1), 0, dense)
         # sharded: this rank's contiguous rows only; inputs are looked up through the sharded table.
         first_id, rows = local_item_rows(self.table, self.device)
         return _EvalState(None, F.normalize(rows.float(), dim=-1), first_id, dense)
 
     def eval_in_lockstep(self) -> bool:
-        return self.cfg.eval.scoring == "sharded"
+        return self.cfg.eval.scoring == "sharded" and not self.semantic_items
 
     def eval_batch(
         self,
