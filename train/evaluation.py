@@ -65,6 +65,12 @@ class Evaluator:
         writer = (
             None if predictions_path is None else _PredictionParts(predictions_path, self.info.rank, top_k)
         )
+        # Cold-start split (data_pipeline split.cold_items_fraction): the test users whose target was
+        # held out of training are also scored on their own, as test/cold/*.
+        cold = self._cold_items() if split == "test" else None
+        cold_metrics = (
+            RetrievalMetrics(self.cfg.eval.hr_at, self.cfg.eval.ndcg_at) if cold is not None else None
+        )
         lockstep = task.eval_in_lockstep()
         batches = iter(data)
         while True:
@@ -81,9 +87,13 @@ class Evaluator:
             if out is None or len(out.targets) == 0:
                 continue
             metrics.update(out.ranks)
+            if cold_metrics is not None:
+                cold_metrics.update(out.ranks[cold[out.targets]])
             if writer is not None:
                 writer.add(batch.user_ids[out.rows].numpy(), out.targets.numpy(), out.top_ids.cpu().numpy())
         result = metrics.compute()
+        if cold_metrics is not None:
+            result.update({f"cold/{k}": v for k, v in cold_metrics.compute().items()})
         counters = task.eval_counters(prepared)
         if counters:
             sums = all_reduce_sum([v for pair in counters.values() for v in pair], self.info.device)
@@ -93,6 +103,16 @@ class Evaluator:
             writer.close()
             self._write_predictions(predictions_path)
         return result
+
+    def _cold_items(self) -> torch.Tensor | None:
+        """Bool over dense item ids 0..num_items: held out of training by the cold-start split; None without one."""
+        entry = self.manifest.get("cold_items")
+        if not entry:
+            return None
+        ids = pq.read_table(self.data_dir / entry["path"])["dense_id"].to_numpy()
+        mask = torch.zeros(int(self.manifest["num_items"]) + 1, dtype=torch.bool)
+        mask[torch.from_numpy(ids)] = True
+        return mask
 
     def _write_predictions(self, path: Path, chunk_rows: int = 65536) -> None:
         """Per user: raw user id, raw target id, top-k raw item ids in rank order (rank 0 merges).
