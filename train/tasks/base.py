@@ -68,7 +68,7 @@ class StepContext:
 
     def lookup(self, table: ShardedItemTable, ids: Tensor) -> Tensor:
         """Embeddings of ``ids`` through the sharded ``table``, gradient-scaled for the global mean."""
-        # Model-parallel tables sum the ranks' gradients (so divide by world); DDP averages data_parallel ones.
+        # DDP and TorchRec's all-to-all average the ranks' gradients (see ShardedItemTable.grad_sum_over_ranks).
         scale = self.grad_accum_steps / (self.world_size if table.grad_sum_over_ranks else 1)
         return _ScaleGrad.apply(lookup(table, ids, self.device), scale / self.loss_scale)
 
