@@ -67,6 +67,21 @@ TINY_TIGER = [
 ]  # fmt: skip
 
 
+# GRU4Rec and BERT4Rec at test size: 2 GRU layers of 24 over 32-wide items (sampled softmax); one
+# bidirectional block of 2 heads, cloze masking with probability 0.3, the exact softmax over items.
+_TINY_RUN = ["data.batch_size=32", "data.eval_batch_size=64", "run.log_every_steps=1", "run.progress_bar=off",
+             "tracking.enabled=false"]  # fmt: skip
+TINY_GRU4REC = [
+    "model.name=gru4rec", "model.embedding_dim=32", "model.hidden_size=24", "model.num_layers=2",
+    "model.dropout=0.0", "model.max_seq_len=20", "loss.negatives=shared", "loss.num_negatives=64", *_TINY_RUN,
+]  # fmt: skip
+TINY_BERT4REC = [
+    "model.name=bert4rec", "model.embedding_dim=32", "model.num_blocks=1", "model.num_heads=2", "model.ffn_dim=32",
+    "model.dropout=0.0", "model.attn_dropout=0.0", "model.max_seq_len=20", "model.mask_prob=0.3",
+    "loss.negatives=full", *_TINY_RUN,
+]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def synthetic_semantic_ids(synthetic_data, tmp_path_factory) -> Path:
     """Random unique semantic IDs (3 levels of 8 codes + a collision token) for the synthetic items."""
@@ -85,11 +100,10 @@ def family_args(synthetic_data, synthetic_semantic_ids):
     """``family_args(family)``: the data and tiny-model overrides of a model family's test runs."""
 
     def get(family: str = "hstu") -> list[str]:
-        model = (
-            TINY_MODEL
-            if family == "hstu"
-            else [*TINY_TIGER, f"model.semantic_ids_dir={synthetic_semantic_ids}"]
-        )
+        if family == "tiger":
+            model = [*TINY_TIGER, f"model.semantic_ids_dir={synthetic_semantic_ids}"]
+        else:
+            model = {"hstu": TINY_MODEL, "gru4rec": TINY_GRU4REC, "bert4rec": TINY_BERT4REC}[family]
         return [f"data.dir={synthetic_data}", *model]
 
     return get

@@ -8,8 +8,9 @@ Built on the meta device, given its optimizer with ``apply_optimizer_in_backward
 Two kinds of sharding:
 
 - model parallel (row_wise, table_wise, column_wise): each rank holds a part of the table; the
-  ``fused`` kernels (fbgemm) apply the optimizer inside the backward pass, and TorchRec *sums* the
-  gradients arriving from all ranks (table_row_wise exists for pooled tables only, not for this one);
+  ``fused`` kernels (fbgemm) apply the optimizer inside the backward pass, and TorchRec's all-to-all
+  backward *averages* the gradients arriving from all ranks (its default gradient division; table_row_wise
+  exists for pooled tables only, not for this one);
 - data_parallel: every rank holds the whole table (``dense`` kernel). TorchRec wraps its lookup in
   DDP, which *averages* the table's gradients over ranks in backward; the optimizer is a plain torch
   optimizer stepped after backward (``ShardedItemTable.step``), so Adam works on CPU too, and, as in
@@ -40,7 +41,7 @@ import torch.distributed.optim  # noqa: F401
 from torch import Tensor
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor
-from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed import DistributedModelParallel, comm_ops
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
@@ -88,6 +89,16 @@ class ShardedItemTable:
     def optimizer(self) -> KeyedOptimizer:
         """The table's optimizer, keyed by parameter name (for checkpoints)."""
         return self.replicated_optimizer or self.module.fused_optimizer
+
+    @property
+    def grad_sum_over_ranks(self) -> bool:
+        """True when the table's gradient is the sum of the ranks' gradients, False when it is their mean.
+
+        DDP averages a data_parallel table's gradients. A model-parallel table's gradients come back
+        through TorchRec's all-to-all, whose backward also divides by the world size while
+        ``torchrec.distributed.comm_ops`` has gradient division on (its default), so it averages too.
+        """
+        return not self.data_parallel and not comm_ops.get_gradient_division()
 
     def step(self) -> None:
         """After backward: step a data_parallel table's optimizer (fused tables already stepped)."""

@@ -7,12 +7,14 @@ a *task* (``train/tasks``), chosen by ``model.name``; evaluation is ``train/eval
 
 Gradient bookkeeping (the one subtle part). Each rank's loss is ``sum of its loss terms *
 world_size / global terms``: DeepSpeed averages dense gradients over ranks, which turns that into
-the mean over all terms of the global batch. TorchRec *sums* the table gradients arriving from
-every rank, so task lookups go through ``StepContext.lookup``, which scales them by
-``grad_accum / world_size`` to get the same mean (and undo DeepSpeed's 1/grad_accum). A
-data_parallel table is different: TorchRec's DDP *averages* its gradients, so only the grad_accum
-factor applies. Hence one global objective whatever the world size and sharding, which the
-sharded-vs-single-process test checks.
+the mean over all terms of the global batch. The tables average over ranks too: a data_parallel
+table through TorchRec's DDP, a model-parallel one through TorchRec's all-to-all, whose backward
+divides by the world size (``torchrec.distributed.comm_ops`` gradient division, on by default).
+Task lookups go through ``StepContext.lookup``, which scales them by ``grad_accum`` (undoing
+DeepSpeed's 1/grad_accum), and by ``1 / world_size`` only where the ranks' gradients would be
+summed (gradient division switched off). Hence one global objective whatever the world size and
+sharding, which the sharded-vs-single-process test checks (with SGD on the table for GRU4Rec, whose
+update is proportional to the gradient: Adagrad and Adam are blind to a constant factor).
 
 Randomness (negatives, dropout) is a function of (seed, step, rank) inside each task, so a resumed
 run draws exactly what the uninterrupted run would have drawn.

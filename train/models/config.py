@@ -9,10 +9,13 @@ name        dataclass           task (``train/tasks``)
 ==========  ==================  ==========================================================
 hstu        ``HSTUConfig``      next-item retrieval over the item table (``retrieval``)
 sasrec      ``SASRecConfig``    next-item retrieval over the item table (``retrieval``)
+gru4rec     ``GRU4RecConfig``   next-item retrieval over the item table (``retrieval``)
+bert4rec    ``Bert4RecConfig``  masked-item (cloze) training over the item table (``bert4rec``)
 tiger       ``TigerConfig``     generative retrieval over semantic IDs (``tiger``)
 ==========  ==================  ==========================================================
 
-HSTU and SASRec share the ``SequenceEncoderConfig`` fields. Defaults reproduce the frozen ML-1M
+HSTU and SASRec share the ``SequenceEncoderConfig`` fields; GRU4Rec and BERT4Rec have their own (a
+GRU has no blocks or heads; BERT4Rec has no causal/jagged switch but a masking probability). Defaults reproduce the frozen ML-1M
 configs of facebookresearch/generative-recommenders (``configs/ml-1m/hstu-sampled-softmax-n128-
 final.gin`` and ``sasrec-sampled-softmax-n128-final.gin``): d=50, 2 blocks, 1 head, dropout 0.2.
 The reference SASRec applies dropout 0.2 to its attention weights (``attn_dropout=0.2`` in its
@@ -68,6 +71,10 @@ class SequenceEncoderConfig:
 
     def _positive_fields(self) -> tuple[str, ...]:
         return ("embedding_dim", "num_blocks", "num_heads", "max_seq_len")
+
+    def shape_fields(self) -> tuple[str, ...]:
+        """The keys a checkpoint must agree on (besides the name and the catalogue) to be loaded."""
+        return ("embedding_dim", "num_blocks", "num_heads")
 
 
 @dataclass
@@ -126,7 +133,93 @@ class SASRecConfig(SequenceEncoderConfig):
             )
 
 
+def _check_positive(cfg, fields: tuple[str, ...]) -> None:
+    for key in fields:
+        value = getattr(cfg, key)
+        if value < 1:
+            raise ConfigError(f"model.{key}", f"got {value}, expected an integer >= 1")
+
+
+def _check_dropout(cfg, fields: tuple[str, ...]) -> None:
+    for key in fields:
+        value = getattr(cfg, key)
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"model.{key}", f"got {value}, expected a probability in [0, 1)")
+
+
+@dataclass
+class GRU4RecConfig:
+    """GRU4Rec (Hidasi et al., ICLR 2016) as a next-item encoder: item embeddings -> dropout -> a GRU of
+    ``num_layers`` layers of ``hidden_size`` -> a linear projection back to ``embedding_dim``."""
+
+    name: Literal["gru4rec"] = "gru4rec"
+    embedding_dim: int = 64  # the item table's width (and the projected output's)
+    hidden_size: int = 100  # the GRU state's width
+    num_layers: int = 1
+    dropout: float = 0.25  # on the input item embeddings
+    hidden_dropout: float = 0.0  # between GRU layers (num_layers > 1), as torch.nn.GRU's dropout
+    max_seq_len: int = 200  # the most recent items a row keeps as input
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the ``model.*`` key for values the types cannot rule out."""
+        _check_positive(self, ("embedding_dim", "hidden_size", "num_layers", "max_seq_len"))
+        _check_dropout(self, ("dropout", "hidden_dropout"))
+
+    def shape_fields(self) -> tuple[str, ...]:
+        """The keys a checkpoint must agree on (besides the name and the catalogue) to be loaded."""
+        return ("embedding_dim", "hidden_size", "num_layers")
+
+
+@dataclass
+class Bert4RecConfig:
+    """BERT4Rec (Sun et al., CIKM 2019): a bidirectional post-norm Transformer trained to recover
+    masked items (the cloze task). ``mask_prob`` is the share of a training row's items replaced by
+    the mask token; evaluation appends one mask after the history and ranks items for it."""
+
+    name: Literal["bert4rec"] = "bert4rec"
+    embedding_dim: int = 64  # model width D; also the item table's width
+    num_blocks: int = 2
+    num_heads: int = 2
+    ffn_dim: int = 256  # hidden width of each block's GELU feed-forward layer (4 D in the paper)
+    dropout: float = 0.1  # embedding, residual and feed-forward dropout
+    attn_dropout: float = 0.1  # dropout on the attention weights
+    max_seq_len: int = 200  # encoder length: training rows keep their last max_seq_len items;
+    # evaluation keeps the last max_seq_len - 1 history items and appends the mask
+    mask_prob: float = 0.2  # paper: 0.2 on ML-1M, 0.6 on Beauty
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the ``model.*`` key for values the types cannot rule out."""
+        _check_positive(self, ("embedding_dim", "num_blocks", "num_heads", "ffn_dim"))
+        _check_dropout(self, ("dropout", "attn_dropout"))
+        if self.max_seq_len < 2:
+            raise ConfigError(
+                "model.max_seq_len",
+                f"got {self.max_seq_len}, expected >= 2 (at evaluation: at least one history item + the mask)",
+            )
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(
+                "model.mask_prob",
+                f"got {self.mask_prob}, expected a probability in (0, 1) (paper: 0.2 to 0.6)",
+            )
+        if self.embedding_dim % self.num_heads != 0:
+            raise ConfigError(
+                "model.num_heads",
+                f"BERT4Rec splits embedding_dim={self.embedding_dim} across heads, so num_heads must divide it; "
+                f"got {self.num_heads}",
+            )
+
+    def shape_fields(self) -> tuple[str, ...]:
+        """The keys a checkpoint must agree on (besides the name and the catalogue) to be loaded."""
+        return ("embedding_dim", "num_blocks", "num_heads", "ffn_dim", "max_seq_len")
+
+
 class ModelConfig(ConfigChoice):
     """The ``model:`` section: ``ModelConfig(name="sasrec", ...)`` builds a ``SASRecConfig``."""
 
-    choices = {"hstu": HSTUConfig, "sasrec": SASRecConfig, "tiger": TigerConfig}
+    choices = {
+        "hstu": HSTUConfig,
+        "sasrec": SASRecConfig,
+        "gru4rec": GRU4RecConfig,
+        "bert4rec": Bert4RecConfig,
+        "tiger": TigerConfig,
+    }

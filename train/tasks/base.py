@@ -70,12 +70,9 @@ class StepContext:
 
     def lookup(self, table: ShardedItemTable, ids: Tensor) -> Tensor:
         """Embeddings of ``ids`` through the sharded ``table``, gradient-scaled for the global mean."""
-        # The loss is this rank's sum x world / global targets, so that averaging over ranks gives the
-        # global mean. Every table does average: DDP for data_parallel ones, and TorchRec's all-to-all
-        # backward for model-parallel ones (it divides by the world size: comm_ops.GRADIENT_DIVISION).
-        # Only DeepSpeed's 1/grad_accum_steps and fp16's loss scale, which the table never sees, are undone.
-        scale = self.grad_accum_steps / self.loss_scale
-        return _ScaleGrad.apply(lookup(table, ids, self.device), scale)
+        # DDP and TorchRec's all-to-all average the ranks' gradients (see ShardedItemTable.grad_sum_over_ranks).
+        scale = self.grad_accum_steps / (self.world_size if table.grad_sum_over_ranks else 1)
+        return _ScaleGrad.apply(lookup(table, ids, self.device), scale / self.loss_scale)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Next-item retrieval over an item table: HSTU and SASRec (``model.name`` = ``hstu`` or ``sasrec``).
+"""Next-item retrieval over an item table: HSTU, SASRec and GRU4Rec (``model.name`` = ``hstu``,
+``sasrec`` or ``gru4rec``; the encoder comes from ``train.models.build_encoder``).
 
 Parts: one TorchRec item table (``item_table``, ``num_items + 1`` rows, row 0 padding) and a
 sequence encoder (``train/models``) in the DeepSpeed engine. A training row is used autoregressively:
@@ -116,7 +117,6 @@ class RetrievalTask(Task):
         return torch.empty(0, dtype=torch.long)  # in_batch: the other targets
 
     def train_loss(self, batch: SequenceBatch, ctx: StepContext) -> tuple[Tensor, int]:
-        loss_cfg = self.cfg.loss
         inputs = split_inputs_targets(batch, self.max_seq_len, last_only=False)
         input_ids, offsets, targets = inputs.input_ids, inputs.offsets, inputs.targets
         in_lengths = offsets[1:] - offsets[:-1]
@@ -136,14 +136,19 @@ class RetrievalTask(Task):
 
         max_len = int(in_lengths.max().item()) if len(in_lengths) else 0
         query = ctx.dense(seq_emb, offsets.to(ctx.device), max_len, *inputs.times_on(ctx.device))
-        query = query.float()
-        targets_d = targets.to(ctx.device)
+        return self._softmax_loss(query.float(), tgt_emb, targets.to(ctx.device), neg_emb, neg_ids)
+
+    def _softmax_loss(
+        self, query_ND: Tensor, tgt_emb_ND: Tensor, targets_N: Tensor, neg_emb: Tensor, neg_ids: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The ``loss:`` section's softmax of N queries against their targets and the negatives."""
+        loss_cfg = self.cfg.loss
         if loss_cfg.negatives == "in_batch":
-            return in_batch_softmax_loss(query, tgt_emb, targets_d, loss_cfg.temperature)
+            return in_batch_softmax_loss(query_ND, tgt_emb_ND, targets_N, loss_cfg.temperature)
         if loss_cfg.negatives == "full":  # neg_emb holds items 1..I in id order
-            return full_softmax_loss(query, neg_emb, targets_d, loss_cfg.temperature)
+            return full_softmax_loss(query_ND, neg_emb, targets_N, loss_cfg.temperature)
         return sampled_softmax_loss(
-            query, tgt_emb, targets_d, neg_emb, neg_ids.to(ctx.device), loss_cfg.temperature
+            query_ND, tgt_emb_ND, targets_N, neg_emb, neg_ids.to(query_ND.device), loss_cfg.temperature
         )
 
     # ----------------------------------------------------------------------------- evaluation
@@ -263,9 +268,7 @@ class RetrievalTask(Task):
         m = self.model_cfg
         return {
             "model": m.name,
-            "embedding_dim": m.embedding_dim,
-            "num_blocks": m.num_blocks,
-            "num_heads": m.num_heads,
+            **{key: getattr(m, key) for key in m.shape_fields()},
             "num_items": self.num_items,
         }
 

@@ -1,0 +1,213 @@
+"""BERT4Rec's cloze task: the masks, the loss on masked positions only, and an evaluation that never
+shows the target and never recommends the mask or padding rows.
+
+The trainer-level checks (2 processes == 1, killed-and-resumed == uninterrupted, which also shows
+that a resumed run masks what the uninterrupted one masked) are the family's parametrisations of
+tests/test_trainer.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cluster.config import ConfigError
+from tests.conftest import run_train
+from train.batch import SequenceBatch
+from train.config import load_train_config
+from train.distributed import DistInfo
+from train.models.bert4rec import Bert4Rec
+from train.tasks.base import StepContext
+from train.tasks.bert4rec import Bert4RecTask, cloze_mask
+from train.tasks.retrieval import _EvalState
+
+NUM_ITEMS = 30
+DIM = 8
+
+
+@dataclass
+class PlainTableContext(StepContext):
+    """A step context whose table lookup reads a plain tensor (the TorchRec path is tested elsewhere)."""
+
+    weight: torch.Tensor | None = None
+
+    def lookup(self, table, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]
+
+
+def make_task(*overrides: str) -> Bert4RecTask:
+    cfg = load_train_config(
+        None,
+        ["model.name=bert4rec", f"model.embedding_dim={DIM}", "model.num_blocks=2", "model.num_heads=2",
+         "model.ffn_dim=16", "model.dropout=0.0", "model.attn_dropout=0.0", "model.max_seq_len=6",
+         "model.mask_prob=0.4", "loss.negatives=full", "run.seed=5", *overrides],
+    )  # fmt: skip
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    return Bert4RecTask(cfg, info, {"num_items": NUM_ITEMS})
+
+
+def make_batch(rows: list[list[int]], users: list[int] | None = None) -> SequenceBatch:
+    lengths = torch.tensor([len(r) for r in rows])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    users = users if users is not None else list(range(1, len(rows) + 1))
+    return SequenceBatch(
+        torch.tensor(users), torch.tensor([i for r in rows for i in r]), lengths, offsets, None
+    )
+
+
+ROWS = [[3, 7, 1, 9, 12, 4, 8, 30, 2], [5, 6], [11, 3, 3, 20], [1], [9, 8, 7, 6, 5, 4]]
+
+
+def model_and_table(task: Bert4RecTask, seed: int = 0):
+    torch.manual_seed(seed)
+    model = task.build_dense().eval()
+    weight = torch.randn(NUM_ITEMS + 2, DIM)  # rows 0 (pad), 1..30, 31 (mask)
+    return model, weight
+
+
+# ------------------------------------------------------------------------------------- masking
+
+
+def test_masks_are_reproducible_layout_free_and_at_the_asked_rate():
+    users, lengths = torch.arange(2000), torch.randint(2, 60, (2000,))
+    a = cloze_mask(users, lengths, seed=1, step=7, mask_prob=0.3)
+    assert torch.equal(a, cloze_mask(users, lengths, seed=1, step=7, mask_prob=0.3))  # a resumed run
+    assert not torch.equal(a, cloze_mask(users, lengths, seed=2, step=7, mask_prob=0.3))
+    assert not torch.equal(a, cloze_mask(users, lengths, seed=1, step=8, mask_prob=0.3))
+    # Rows dealt in another order (another world size or rank) get the same masks.
+    perm = torch.randperm(2000, generator=torch.Generator().manual_seed(0))
+    b = cloze_mask(users[perm], lengths[perm], seed=1, step=7, mask_prob=0.3)
+    rows_a, rows_b = torch.split(a, lengths.tolist()), torch.split(b, lengths[perm].tolist())
+    for i in range(0, 2000, 97):
+        assert torch.equal(rows_a[int(perm[i])], rows_b[i])
+    # Every row has a mask; the rate is mask_prob plus the forced last masks of rows that drew none.
+    assert all(bool(r.any()) for r in rows_a)
+    forced = sum(float((1 - 0.3) ** n) for n in lengths.tolist())
+    assert float(a.sum()) == pytest.approx(0.3 * float(lengths.sum()) + forced, rel=0.03)
+
+
+# ---------------------------------------------------------------------------------------- loss
+
+
+def test_loss_counts_the_masked_positions_only():
+    task = make_task()
+    model, weight = model_and_table(task)
+    batch = make_batch(ROWS)
+    ctx = PlainTableContext(step=3, seed=5, rank=0, world_size=1, device=torch.device("cpu"), dense=model,
+                            dense_dtype=torch.float32, grad_accum_steps=1, loss_scale=1.0, weight=weight)  # fmt: skip
+    loss_sum, num = task.train_loss(batch, ctx)
+    # Reference: row by row, the masks drawn from the same (seed, step, user, length, position), the
+    # encoder on the masked row alone, the exact softmax at each masked position over items 1..30.
+    temperature = task.cfg.loss.temperature
+    items = F.normalize(weight[1 : NUM_ITEMS + 1], dim=-1)
+    want, count = 0.0, 0
+    for user, row in zip(batch.user_ids.tolist(), ROWS):
+        if len(row) < 2:
+            continue  # no history to learn from (as in the retrieval task)
+        row = row[-6:]  # model.max_seq_len
+        masked = cloze_mask(torch.tensor([user]), torch.tensor([len(row)]), 5, 3, 0.4)
+        inputs = torch.tensor([NUM_ITEMS + 1 if m else i for i, m in zip(row, masked.tolist())])
+        query = model(weight[inputs], torch.tensor([0, len(row)]), len(row))
+        for t in torch.nonzero(masked).flatten().tolist():
+            logits = query[t] @ items.T / temperature
+            want += float(F.cross_entropy(logits[None], torch.tensor([row[t] - 1])))
+            count += 1
+    assert 0 < count < sum(min(len(r), 6) for r in ROWS if len(r) > 1)  # some positions are not masked
+    assert int(num) == count == task.count_targets(batch, ctx)
+    assert float(loss_sum) == pytest.approx(want, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+def eval_state(task: Bert4RecTask, model, weight) -> _EvalState:
+    return _EvalState(weight, F.normalize(weight, dim=-1), model)
+
+
+def test_the_target_is_invisible_to_the_encoder_at_evaluation():
+    """Changing each row's held-out item (to one not in its history) leaves every score unchanged, and
+    the new target's rank is the one the old scores give it. A target that reached the encoder (e.g.
+    fed where the mask should be, or before it) would change the scores: the last check shows it."""
+    task = make_task()
+    model, weight = model_and_table(task)
+    prepared = eval_state(task, model, weight)
+    rows = [r for r in ROWS if len(r) >= 2]
+    _, scores = task.eval_scores(make_batch(rows), prepared)
+    swapped = [r[:-1] + [next(i for i in range(1, NUM_ITEMS + 1) if i not in r)] for r in rows]
+    _, scores_swapped = task.eval_scores(make_batch(swapped), prepared)
+    torch.testing.assert_close(scores, scores_swapped, rtol=0, atol=0)
+    out = task.eval_batch(make_batch(swapped), prepared, top_k=None)
+    for b, row in enumerate(swapped):
+        history = set(row[-7:-1])  # the last max_seq_len history items are excluded
+        s, t = scores[b], row[-1]
+        want = sum(1 for i in range(1, NUM_ITEMS + 1) if i != t and i not in history and s[i] >= s[t])
+        assert int(out.ranks[b]) == want
+    # The control: the same encoder shown the target instead of the mask scores differently.
+    row = rows[0]
+    leak = torch.tensor(row[-6:])
+    query_leak = model(weight[leak], torch.tensor([0, 6]), 6)[-1]
+    assert not torch.allclose(query_leak @ prepared.unit_ID[: NUM_ITEMS + 1].T, scores[0])
+
+
+def test_mask_and_padding_rows_are_never_recommended():
+    """The mask and padding rows are given the best possible score (the query's own direction): the
+    top lists still hold only items 1..30, and the target's rank is computed among items only."""
+    task = make_task()
+    model, weight = model_and_table(task)
+    rows = [r for r in ROWS if len(r) >= 2]
+    _, scores = task.eval_scores(make_batch(rows), eval_state(task, model, weight))
+    for b, row in enumerate(rows):
+        unit = F.normalize(weight, dim=-1).clone()
+        # This row's query (the history's last 5 items, then the mask) is unit-norm: as a table row,
+        # its cosine with the query is 1, the best possible score.
+        inputs = torch.tensor([*row[:-1][-5:], NUM_ITEMS + 1])
+        best = model(weight[inputs], torch.tensor([0, len(inputs)]), len(inputs))[-1]
+        unit[0] = unit[NUM_ITEMS + 1] = best
+        out = task.eval_batch(make_batch([row]), _EvalState(weight, unit, model), top_k=NUM_ITEMS)
+        top = out.top_ids[0]
+        listed = top[top > 0]
+        assert int(listed.max()) <= NUM_ITEMS and len(set(listed.tolist())) == len(listed)
+        history = set(row[-7:-1]) - {row[-1]}
+        assert len(listed) == NUM_ITEMS - len(history) and not set(listed.tolist()) & history
+        assert bool((top[len(listed) :] == 0).all())  # zeros only pad the end
+        s, t = scores[b], row[-1]
+        want = sum(1 for i in range(1, NUM_ITEMS + 1) if i != t and i not in history and s[i] >= s[t])
+        assert int(out.ranks[0]) == want
+        assert int((listed == t).nonzero()[0, 0]) == want  # the list reproduces the rank
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("value", ["0", "1", "1.5", "-0.1"])
+def test_mask_prob_outside_0_1_is_one_clear_error(value):
+    with pytest.raises(ConfigError, match=r"model.mask_prob.*\(0, 1\)") as err:
+        load_train_config(None, ["model.name=bert4rec", f"model.mask_prob={value}"])
+    assert "\n" not in str(err.value)
+
+
+def test_bad_settings_from_the_command_line_are_one_clear_line(synthetic_data, tmp_path):
+    bad = run_train([f"data.dir={synthetic_data}", "model.name=bert4rec", "model.mask_prob=1.2"], tmp_path / "a",
+                    check=False)  # fmt: skip
+    assert bad.returncode == 2 and "model.mask_prob" in bad.stderr and "Traceback" not in bad.stderr
+    # An option only another family understands (GRU4Rec's hidden size; BERT4Rec's mask on SASRec).
+    other = run_train([f"data.dir={synthetic_data}", "model.name=bert4rec", "model.hidden_size=8"], tmp_path / "b",
+                      check=False)  # fmt: skip
+    assert other.returncode == 2 and "model.hidden_size" in other.stderr and "Traceback" not in other.stderr
+    with pytest.raises(ConfigError, match="model.mask_prob"):
+        load_train_config(None, ["model.name=sasrec", "model.mask_prob=0.2"])
+
+
+def test_model_is_bidirectional():
+    """An early position's output depends on later items (unlike SASRec's causal mask)."""
+    task = make_task()
+    model, weight = model_and_table(task)
+    assert isinstance(model, Bert4Rec)
+    ids = torch.tensor([1, 2, 3, 4])
+    changed = torch.tensor([1, 2, 3, 5])
+    a = model(weight[ids], torch.tensor([0, 4]), 4)[0]
+    b = model(weight[changed], torch.tensor([0, 4]), 4)[0]
+    assert not torch.allclose(a, b)
