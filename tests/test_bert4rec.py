@@ -124,7 +124,7 @@ def test_loss_counts_the_masked_positions_only():
 
 
 def eval_state(task: Bert4RecTask, model, weight) -> _EvalState:
-    return _EvalState(weight, F.normalize(weight, dim=-1), model)
+    return _EvalState(weight, F.normalize(weight, dim=-1), 0, model)
 
 
 def test_the_target_is_invisible_to_the_encoder_at_evaluation():
@@ -166,7 +166,7 @@ def test_mask_and_padding_rows_are_never_recommended():
         inputs = torch.tensor([*row[:-1][-5:], NUM_ITEMS + 1])
         best = model(weight[inputs], torch.tensor([0, len(inputs)]), len(inputs))[-1]
         unit[0] = unit[NUM_ITEMS + 1] = best
-        out = task.eval_batch(make_batch([row]), _EvalState(weight, unit, model), top_k=NUM_ITEMS)
+        out = task.eval_batch(make_batch([row]), _EvalState(weight, unit, 0, model), top_k=NUM_ITEMS)
         top = out.top_ids[0]
         listed = top[top > 0]
         assert int(listed.max()) <= NUM_ITEMS and len(set(listed.tolist())) == len(listed)

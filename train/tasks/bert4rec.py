@@ -25,13 +25,14 @@ Shapes: T tokens (jagged), B rows, M masked positions, D embedding dim, I items.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.batch import SequenceBatch, split_inputs_targets
-from train.embeddings import ShardedItemTable, build_table
-from train.metrics import rank_of_targets, topk_items
+from train.batch import SequenceBatch, jagged_select_rows, split_inputs_targets
+from train.embeddings import ShardedItemTable, build_table, gather_full_table
 from train.models.bert4rec import Bert4Rec
 from train.models.config import Bert4RecConfig
+from train.scoring import score_slice
 from train.tasks.base import EvalOutput, StepContext
 from train.tasks.retrieval import RetrievalTask, _EvalState
 
@@ -183,19 +184,38 @@ class Bert4RecTask(RetrievalTask):
         query_BD = query_TD[enc_offsets_d[1:] - 1]  # the appended mask of each row
         return inputs, query_BD @ prepared.unit_ID[: self.num_items + 1].T
 
-    def eval_batch(self, batch: SequenceBatch, prepared: _EvalState, top_k: int | None) -> EvalOutput:
-        inputs, scores_BI = self.eval_scores(batch, prepared)
-        if scores_BI is None:
+    def prepare_eval(self, dense: nn.Module) -> _EvalState:
+        # The gathered table (rows 0..I + the mask row): the mask's query is scored against items only.
+        raw_ID = gather_full_table(self.table, self.device).float()
+        return _EvalState(raw_ID, F.normalize(raw_ID, dim=-1), 0, dense)
+
+    def eval_in_lockstep(self) -> bool:
+        return False
+
+    def eval_batch(
+        self,
+        batch: SequenceBatch,
+        prepared: _EvalState,
+        top_k: int | None,
+        exclude: tuple[Tensor, Tensor] | None = None,
+    ) -> EvalOutput:
+        inputs = split_inputs_targets(batch, self.max_seq_len, last_only=True)  # history = inputs
+        if len(inputs.targets) == 0:
             return EvalOutput.empty(inputs.keep_rows, top_k)
-        history_d, offsets_d = inputs.input_ids.to(self.device), inputs.offsets.to(self.device)
-        targets_d = inputs.targets.to(self.device)
-        ranks = rank_of_targets(scores_BI, targets_d, history_d, offsets_d)
-        top = None
-        if top_k is not None:
-            top = topk_items(
-                scores_BI, history_d, offsets_d, k=min(top_k, self.num_items), keep_ids=targets_d
-            )
-        return EvalOutput(inputs.keep_rows, inputs.targets, ranks, top)
+        enc_ids, enc_offsets = append_mask(inputs.input_ids, inputs.offsets, self.max_seq_len, self.mask_id)
+        enc_offsets_d = enc_offsets.to(self.device)
+        max_len = int((enc_offsets[1:] - enc_offsets[:-1]).max())
+        query_TD = prepared.encoder(prepared.raw_ID[enc_ids.to(self.device)], enc_offsets_d, max_len)
+        query_BD = query_TD[enc_offsets_d[1:] - 1].float()  # the appended mask of each row
+        if exclude is None:  # eval.exclude=input_window
+            excl_values, excl_offsets = inputs.input_ids, inputs.offsets
+        else:
+            excl_values, excl_offsets = jagged_select_rows(*exclude, inputs.keep_rows)
+        ranks, top = score_slice(
+            query_BD, prepared.unit_ID[: self.num_items + 1], 0, self.num_items, inputs.targets.to(self.device),
+            excl_values.to(self.device), excl_offsets.to(self.device), top_k, group_reduce=False,
+        )  # fmt: skip
+        return EvalOutput(inputs.keep_rows, inputs.targets, ranks.cpu(), None if top is None else top.cpu())
 
     # ---------------------------------------------------------------------------- description
 
