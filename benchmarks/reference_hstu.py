@@ -441,6 +441,9 @@ def side_by_side(reference_dir: Path, pairs: list[str], warmup: int, steps: int,
             )
             ours = run_ours(config, overrides, warmup, steps, nproc, data_dir, work / f"ours_{name}")
             rows.append({"pair": name, "side": "ours", "config": config, "overrides": overrides, **ours})
+            for r in rows[-2:]:  # as each pair completes, in case a long run is stopped later
+                print(f"  {r['side']}: {r['tokens_per_s']:.0f} tokens/s, {r['s_per_step']:.3f} s/step, "
+                      f"{r['cpu_s_per_step']:.3f} CPU s/step, peak PSS {r['peak_pss_mib']:.0f} MiB", flush=True)  # fmt: skip
     finally:
         if keep:
             print(f"kept {work}")
