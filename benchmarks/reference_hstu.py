@@ -360,6 +360,7 @@ def run_reference(copy_dir: Path, gin_config: str, warmup: int, steps: int, thre
                 load = os.getloadavg()[0]
                 for line in proc.stdout:
                     log.write(line)
+                    log.flush()  # the log is readable while the run goes on
                     lines.append(line)
                     if "refbench step" in line:
                         measured = [s for s in reference_steps(lines, warmup) if not s.excluded]
