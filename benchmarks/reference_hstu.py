@@ -346,7 +346,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_reference(copy_dir: Path, gin_config: str, warmup: int, steps: int, threads: int,
-                  timeout_s: float = 1800.0) -> dict:  # fmt: skip
+                  timeout_s: float = 3600.0) -> dict:  # fmt: skip
     """Run the patched reference until ``steps`` steps are measured after ``warmup``; stop it; its figures."""
     log_path = copy_dir / f"refbench_{Path(gin_config).stem}.log"
     cmd = [sys.executable, "main.py", f"--gin_config_file={gin_config}", f"--master_port={_free_port()}"]
@@ -368,6 +368,8 @@ def run_reference(copy_dir: Path, gin_config: str, warmup: int, steps: int, thre
                             monitor.sample()  # a CPU sample after the last measured step's end
                             break
                     if time.perf_counter() - t0 > timeout_s:
+                        print(f"reference: stopped by the {timeout_s:.0f} s timeout, fewer steps measured than "
+                              f"asked (see the steps column)", flush=True)  # fmt: skip
                         break
         finally:
             _kill_group(proc)
