@@ -79,7 +79,7 @@ class RetrievalTask(Task):
     @property
     def semantic_items(self) -> bool:
         """Items embedded as sums of semantic-ID code rows (``model.item_embedding=semantic_ids``)."""
-        return self.model_cfg.item_embedding == "semantic_ids"
+        return getattr(self.model_cfg, "item_embedding", "id") == "semantic_ids"  # HSTU and SASRec have it
 
     def build_tables(self) -> dict[str, ShardedItemTable]:
         raw_ids = None
