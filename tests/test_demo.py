@@ -71,7 +71,9 @@ def test_demo_end_to_end(tmp_path):
     # short enough for a single sample (psutil's first reading has no interval to measure over).
     cpu = [m.value for m in client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")]
     assert cpu and all(0.0 <= v <= 100.0 for v in cpu), cpu
-    memory = [m.value for m in client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")]
+    memory = [
+        m.value for m in client.get_metric_history(run.info.run_id, "system/system_memory_usage_megabytes")
+    ]
     assert memory and min(memory) > 0.0, memory
     logged = client.download_artifacts(run.info.run_id, "final_metrics.json", str(tmp_path / "artifacts"))
     assert json.loads(open(logged).read()) == final

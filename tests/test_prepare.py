@@ -232,7 +232,11 @@ def test_ml1m_ratings_default(tmp_path):
     """The default ML-1M input is ratings.dat: timestamps kept, same-second items in file row order."""
     out = tmp_path / "ml1m"
     manifest = run(out, [], config=str(ROOT / "configs/data/ml1m.yaml"))
-    assert (manifest["num_users"], manifest["num_items"], manifest["num_interactions"]) == (6040, 3706, 1_000_209)
+    assert (manifest["num_users"], manifest["num_items"], manifest["num_interactions"]) == (
+        6040,
+        3706,
+        1_000_209,
+    )
     assert manifest["has_timestamps"] is True
     rows = [line.split("::") for line in (SHARED / "ml-1m/ratings.dat").read_text().splitlines()]
     users = np.array([r[0] for r in rows])
@@ -256,7 +260,9 @@ def test_ml1m_sequences(tmp_path):
     out = tmp_path / "ml1m"
     seq_file = SHARED / "ml-1m/sequences.txt"
     manifest = run(
-        out, ["input.format=sequences", f"input.paths=[{seq_file}]"], config=str(ROOT / "configs/data/ml1m.yaml")
+        out,
+        ["input.format=sequences", f"input.paths=[{seq_file}]"],
+        config=str(ROOT / "configs/data/ml1m.yaml"),
     )
     assert (manifest["num_users"], manifest["num_items"], manifest["num_interactions"]) == (
         6040,
