@@ -17,42 +17,32 @@ cd "$(dirname "$0")/.."
 RUNS=${1:-runs/ml1m_ts}
 DATA=${2:-data/prepared/ml1m}
 mkdir -p "$RUNS"
-PY=${PYTHON:-python}
-export OMP_NUM_THREADS=1
-
-run() {  # run NAME CONFIG [overrides...]
-  local name=$1 config=$2
-  shift 2
-  if [[ -f $RUNS/$name/final_metrics.json ]]; then return; fi
-  echo "$(date -u +%FT%TZ) start $name" | tee -a "$RUNS/queue.log"
-  "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m train --config "$config" \
-    data.dir="$DATA" run.output_dir="$RUNS/$name" tracking.tracking_uri="sqlite:///$RUNS/mlflow.db" \
-    "$@" >"$RUNS/$name.log" 2>&1 || echo "$(date -u +%FT%TZ) FAILED $name (see $RUNS/$name.log)" | tee -a "$RUNS/queue.log"
-  echo "$(date -u +%FT%TZ) end $name" | tee -a "$RUNS/queue.log"
-}
+source benchmarks/run_queue.sh
+# Every run reads the timestamped ML-1M prepared by configs/data/ml1m.yaml.
+run_ml1m() { run "$@" data.dir="$DATA"; }
 
 TUNED=configs/hstu_ml1m_tuned.yaml
 LARGE=configs/hstu_large_ml1m_1h.yaml
 # Both time protocols, first seed.
-run tuned_target_s42 $TUNED run.seed=42
-run tuned_input_s42 $TUNED run.seed=42 model.time_gap_from=input
-run large1h_target_s42 $LARGE run.seed=42
-run large1h_input_s42 $LARGE run.seed=42 model.time_gap_from=input
+run_ml1m tuned_target_s42 $TUNED run.seed=42
+run_ml1m tuned_input_s42 $TUNED run.seed=42 model.time_gap_from=input
+run_ml1m large1h_target_s42 $LARGE run.seed=42
+run_ml1m large1h_input_s42 $LARGE run.seed=42 model.time_gap_from=input
 # Two more seeds of each.
 for seed in 7 1; do
-  run tuned_target_s$seed $TUNED run.seed=$seed
-  run large1h_target_s$seed $LARGE run.seed=$seed
+  run_ml1m tuned_target_s$seed $TUNED run.seed=$seed
+  run_ml1m large1h_target_s$seed $LARGE run.seed=$seed
 done
 for seed in 7 1; do
-  run tuned_input_s$seed $TUNED run.seed=$seed model.time_gap_from=input
-  run large1h_input_s$seed $LARGE run.seed=$seed model.time_gap_from=input
+  run_ml1m tuned_input_s$seed $TUNED run.seed=$seed model.time_gap_from=input
+  run_ml1m large1h_input_s$seed $LARGE run.seed=$seed model.time_gap_from=input
 done
 # HSTU-large ablations: one change each from the 1-hour config, seed 42.
-run large1h_sampled_s42 $LARGE run.seed=42 loss.negatives=per_position loss.num_negatives=128
-run large1h_no_older_s42 $LARGE run.seed=42 data.older_windows=false
-run large1h_const_lr_s42 $LARGE run.seed=42 optim.lr=0.001 embeddings.lr=0.001 optim.decay=constant
-run large1h_no_time_s42 $LARGE run.seed=42 model.use_time_bias=false
+run_ml1m large1h_sampled_s42 $LARGE run.seed=42 loss.negatives=per_position loss.num_negatives=128
+run_ml1m large1h_no_older_s42 $LARGE run.seed=42 data.older_windows=false
+run_ml1m large1h_const_lr_s42 $LARGE run.seed=42 optim.lr=0.001 embeddings.lr=0.001 optim.decay=constant
+run_ml1m large1h_no_time_s42 $LARGE run.seed=42 model.use_time_bias=false
 # The paper configs and SASRec.
-run hstu_paper_s42 configs/hstu_ml1m.yaml run.seed=42
-run sasrec_s42 configs/sasrec_ml1m.yaml run.seed=42
-run large_paper_s42 configs/hstu_large_ml1m.yaml run.seed=42
+run_ml1m hstu_paper_s42 configs/hstu_ml1m.yaml run.seed=42
+run_ml1m sasrec_s42 configs/sasrec_ml1m.yaml run.seed=42
+run_ml1m large_paper_s42 configs/hstu_large_ml1m.yaml run.seed=42

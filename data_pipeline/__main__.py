@@ -5,6 +5,7 @@
     python -m data_pipeline download ml-100k --dest data/raw
     python -m data_pipeline semantic-ids --config configs/data/beauty_semantic_ids.yaml [stages=[embed] ...]
     python -m data_pipeline semantic-ids-reference --input REF.json --output DIR [--prepared DIR]
+    python -m data_pipeline semantic-ids-random --prepared DIR --output DIR [--seed N]
 
 ``prepare`` runs on an embedded local Ray by default; ``ray.address=auto`` (or an address) joins a
 running cluster. See docs/data_format.md for what it writes.
@@ -22,6 +23,7 @@ COMMANDS = {
     "download": "data_pipeline.download",
     "semantic-ids": "data_pipeline.semantic_ids.job",
     "semantic-ids-reference": "data_pipeline.semantic_ids.reference",
+    "semantic-ids-random": "data_pipeline.semantic_ids.random_ids",
 }
 
 

@@ -84,14 +84,15 @@ TINY_BERT4REC = [
 
 @pytest.fixture(scope="session")
 def synthetic_semantic_ids(synthetic_data, tmp_path_factory) -> Path:
-    """Random unique semantic IDs (3 levels of 8 codes + a collision token) for the synthetic items."""
-    import pyarrow.parquet as pq
+    """Random unique semantic IDs (3 levels of 8 codes + a collision token) for the synthetic items.
 
-    from data_pipeline.semantic_ids.table import random_semantic_ids, write_semantic_ids
+    Made by the ``semantic-ids-random`` command a user would run.
+    """
+    from data_pipeline.semantic_ids.random_ids import main as random_ids_main
 
-    raw_ids = pq.read_table(synthetic_data / "vocab" / "items.parquet").column("raw_id").to_pylist()
     out = tmp_path_factory.mktemp("semantic_ids")
-    write_semantic_ids(out, random_semantic_ids(raw_ids, num_levels=3, codebook_size=8, seed=0))
+    argv = ["--prepared", str(synthetic_data), "--output", str(out), "--levels", "3", "--codebook-size", "8"]
+    assert random_ids_main(argv) == 0
     return out
 
 

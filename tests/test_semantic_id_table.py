@@ -75,6 +75,20 @@ def test_random_ids_deterministic_and_unique():
     assert a.codebook_sizes[2] == a.codes[:, 2].max() + 1
 
 
+def test_random_ids_command_covers_the_vocabulary(synthetic_data, synthetic_semantic_ids, tmp_path, caplog):
+    vocab = pq.read_table(synthetic_data / "vocab" / "items.parquet").column("raw_id").to_pylist()
+    table = read_semantic_ids(synthetic_semantic_ids)
+    expected = random_semantic_ids(vocab, num_levels=3, codebook_size=8, seed=0)
+    assert sorted(table.item_ids.tolist()) == sorted(str(v) for v in vocab)
+    assert table.item_ids.tolist() == expected.item_ids.tolist() and np.array_equal(table.codes, expected.codes)
+    assert table.manifest["source"] == "random" and table.manifest["seed"] == 0
+
+    from data_pipeline.semantic_ids.random_ids import main as random_ids_main
+
+    assert random_ids_main(["--prepared", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 1
+    assert "nowhere/vocab/items.parquet not found" in caplog.text and not (tmp_path / "o").exists()
+
+
 def _expect_error(tmp_path, mutate, match):
     out = write_semantic_ids(tmp_path / "ids", _table())
     mutate(out)
