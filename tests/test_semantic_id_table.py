@@ -80,7 +80,9 @@ def test_random_ids_command_covers_the_vocabulary(synthetic_data, synthetic_sema
     table = read_semantic_ids(synthetic_semantic_ids)
     expected = random_semantic_ids(vocab, num_levels=3, codebook_size=8, seed=0)
     assert sorted(table.item_ids.tolist()) == sorted(str(v) for v in vocab)
-    assert table.item_ids.tolist() == expected.item_ids.tolist() and np.array_equal(table.codes, expected.codes)
+    assert table.item_ids.tolist() == expected.item_ids.tolist() and np.array_equal(
+        table.codes, expected.codes
+    )
     assert table.manifest["source"] == "random" and table.manifest["seed"] == 0
 
     from data_pipeline.semantic_ids.random_ids import main as random_ids_main

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Random unique semantic IDs (num levels + a collision token) for a prepared vocabulary.",
     )
     parser.add_argument("--prepared", required=True, help="prepared data dir (its vocab/items.parquet)")
-    parser.add_argument("--output", required=True, help="directory to write semantic_ids.parquet + manifest.json")
+    parser.add_argument(
+        "--output", required=True, help="directory to write semantic_ids.parquet + manifest.json"
+    )
     parser.add_argument("--levels", type=int, default=3, help="random levels before the collision token")
     parser.add_argument("--codebook-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
