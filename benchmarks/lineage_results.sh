@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every training run behind the lineage tables of docs/sequential_models.md (GRU4Rec, SASRec with the
 # binary and the softmax loss, BERT4Rec, HSTU; on Amazon Beauty also HSTU over semantic-ID items and
-# the cold-start split), one after another, cheapest first. Resumable like benchmarks/ml1m_results.sh
+# the cold-start split; on Yelp SASRec and HSTU with and without our semantic IDs), one after another, cheapest first. Resumable like benchmarks/ml1m_results.sh
 # (benchmarks/run_queue.sh): a finished run is skipped, an unfinished one resumes.
 #
 #   python -m data_pipeline prepare --config configs/data/amazon_beauty.yaml   # data/prepared/amazon_beauty
@@ -50,6 +50,20 @@ run_cold() { run "$@" data.dir="$COLD" run.seed=42; }
 run_cold hstu_cold_beauty configs/hstu_beauty.yaml
 run_cold hstu_sid_reference_cold_beauty configs/hstu_beauty.yaml $SID="$SID_REF"
 run_cold hstu_sid_random_cold_beauty configs/hstu_beauty.yaml $SID="$SID_RANDOM"
+
+# --- Yelp (S3-Rec's copy, titles and categories as item text, no timestamps): SASRec, HSTU and HSTU
+# over our semantic IDs, with the Beauty settings.
+YELP=$RUNS/prepared_yelp
+[[ -f $YELP/manifest.json ]] ||
+  "$PY" -m data_pipeline prepare --config configs/data/yelp.yaml output.dir="$YELP"
+run_yelp() { run "$@" data.dir="$YELP" run.seed=42 tracking.experiment=yelp; }
+run_yelp sasrec_yelp configs/sasrec_beauty.yaml
+run_yelp hstu_yelp configs/hstu_beauty.yaml
+SID_YELP=$RUNS/semantic_ids_yelp
+[[ -f $SID_YELP/semantic_ids/manifest.json ]] ||
+  "$PY" -m data_pipeline semantic-ids --config configs/data/yelp_semantic_ids.yaml \
+    data_dir="$YELP" output_dir="$SID_YELP" tracking.tracking_uri="sqlite:///$RUNS/mlflow.db"
+run_yelp hstu_sid_ours_yelp configs/hstu_beauty.yaml $SID="$SID_YELP/semantic_ids"
 
 # Our own semantic IDs from the item text (python -m data_pipeline semantic-ids, ~20 CPU-minutes).
 SID_OURS=$RUNS/semantic_ids_ours
