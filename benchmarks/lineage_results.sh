@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Every training run behind the lineage tables of docs/sequential_models.md (GRU4Rec, SASRec with the
 # binary and the softmax loss, BERT4Rec, HSTU; on Amazon Beauty also HSTU over semantic-ID items and
-# the cold-start split; on Yelp SASRec and HSTU with and without our semantic IDs), one after another, cheapest first. Resumable like benchmarks/ml1m_results.sh
-# (benchmarks/run_queue.sh): a finished run is skipped, an unfinished one resumes.
+# the cold-start split; on Yelp SASRec and HSTU with and without our semantic IDs), one after another,
+# cheapest first. Resumable like benchmarks/ml1m_results.sh (benchmarks/run_queue.sh): a finished run
+# is skipped, an unfinished one resumes.
 #
 #   python -m data_pipeline prepare --config configs/data/amazon_beauty.yaml   # data/prepared/amazon_beauty
 #   python -m data_pipeline prepare --config configs/data/ml1m.yaml            # data/prepared/ml1m
