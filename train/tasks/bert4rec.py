@@ -6,8 +6,9 @@ I + 1 the mask token, ``mask_id``), sharded like the retrieval task's, and the b
 
 Training: each row keeps its last ``model.max_seq_len`` items; each item is replaced by the mask
 token with probability ``model.mask_prob`` (a row that draws no mask gets its last item masked, the
-position evaluation asks about). The loss is the ``loss:`` section's softmax (full, or sampled /
-in-batch negatives, over items 1..I only) at the masked positions only: one loss term per mask.
+position evaluation asks about). The loss is the ``loss:`` section's (the softmax: full, or sampled /
+in-batch negatives; or the binary loss against sampled negatives; negatives are items 1..I only) at
+the masked positions only: one loss term per mask.
 
 Which items are masked is a pure function of (run.seed, step, user id, row length, position from
 the row's end), hashed (``cloze_mask``), so a resumed run masks exactly what the uninterrupted run
@@ -167,7 +168,7 @@ class Bert4RecTask(RetrievalTask):
         max_len = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
         query_TD = ctx.dense(seq_emb, offsets.to(ctx.device), max_len)
         query_MD = query_TD[masked_T.to(ctx.device)].float()  # the loss sees the masked positions only
-        return self._softmax_loss(query_MD, tgt_emb, targets.to(ctx.device), neg_emb, neg_ids)
+        return self._loss(query_MD, tgt_emb, targets.to(ctx.device), neg_emb, neg_ids)
 
     # ----------------------------------------------------------------------------- evaluation
 
@@ -223,4 +224,4 @@ class Bert4RecTask(RetrievalTask):
         return {**super().describe(), "mask_prob": self.model_cfg.mask_prob}
 
     def log_summary(self) -> str:
-        return f"cloze mask_prob={self.model_cfg.mask_prob}, negatives={self.cfg.loss.describe()}"
+        return f"cloze mask_prob={self.model_cfg.mask_prob}, loss={self.cfg.loss.describe()}"
