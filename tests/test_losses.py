@@ -1,4 +1,4 @@
-"""Sampled / in-batch softmax and binary losses against a brute-force per-row computation; negative sampling."""
+"""Sampled / in-batch softmax and binary losses against brute-force per-row computations; negative sampling."""
 
 from __future__ import annotations
 

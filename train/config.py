@@ -142,8 +142,8 @@ class LossConfig:
         if self.function == "binary" and not self.is_sampled():
             raise ConfigError(
                 "loss.function",
-                f"binary needs sampled negatives, got loss.negatives={self.negatives}; set "
-                "loss.negatives=per_position (SASRec: loss.num_negatives=1) or shared, or loss.function=softmax",
+                f"binary needs sampled negatives, got loss.negatives={self.negatives}; set loss.negatives="
+                "per_position (SASRec: loss.num_negatives=1) or shared, or loss.function=softmax",
             )
         if self.num_negatives < 1 and self.is_sampled():
             raise ConfigError("loss.num_negatives", f"got {self.num_negatives}, expected >= 1")

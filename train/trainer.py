@@ -238,8 +238,8 @@ class Trainer:
         logger.info("sharding plan:\n%s", info["sharding_plan"])
         logger.info(
             "%d items, %d dense + %d table params, %d steps/epoch, world size %d (backend %s, %s), %s",
-            self.num_items, self.params["dense"], self.params["tables"], self.steps_per_epoch, self.info.world_size,
-            self.info.backend, self.device, self.task.log_summary(),
+            self.num_items, self.params["dense"], self.params["tables"], self.steps_per_epoch,
+            self.info.world_size, self.info.backend, self.device, self.task.log_summary(),
         )  # fmt: skip
         if self.step == 0:
             self.tracker.log_params({**flatten(to_dict(cfg)), **flatten({"params": self.params})})
