@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cluster.memory import FamilyMemory, RetrievalMemory
-from train.batch import SequenceBatch, jagged_select_rows, split_inputs_targets
+from train.batch import ModelInputs, SequenceBatch, jagged_select_rows, split_inputs_targets
 from train.embeddings import ShardedItemTable, local_item_rows, lookup
 from train.item_embeddings import build_item_embeddings
 from train.models import (
@@ -50,6 +50,17 @@ class _EvalState(NamedTuple):
     unit_ID: Tensor  # L2-normalised rows first_id.. of the table (scores): all of it, or this rank's
     first_id: int
     encoder: nn.Module
+
+
+def items_to_exclude(inputs: ModelInputs, exclude: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """Jagged ``(values, offsets)``: per kept row of ``inputs``, the items evaluation must not rank.
+
+    ``exclude`` None (``eval.exclude=input_window``): the row's model input, as the HSTU reference;
+    otherwise the evaluator's per-batch-row lists (``all_history``), cut to the kept rows.
+    """
+    if exclude is None:
+        return inputs.input_ids, inputs.offsets
+    return jagged_select_rows(*exclude, inputs.keep_rows)
 
 
 class RetrievalTask(Task):
@@ -185,10 +196,7 @@ class RetrievalTask(Task):
             batch = SequenceBatch(*(torch.zeros(n, dtype=torch.long) for n in (0, 0, 0, 1)), None)
         inputs = split_inputs_targets(batch, self.max_seq_len, last_only=True)
         input_ids, offsets, targets = inputs.input_ids, inputs.offsets, inputs.targets
-        if exclude is None:  # eval.exclude=input_window: the model's input, as the HSTU reference
-            excl_values, excl_offsets = input_ids, offsets
-        else:
-            excl_values, excl_offsets = jagged_select_rows(*exclude, inputs.keep_rows)
+        excl_values, excl_offsets = items_to_exclude(inputs, exclude)
         if sharded:  # a collective: every rank looks up, even with no rows
             input_emb = lookup(self.table, input_ids, self.device).float()
         else:
