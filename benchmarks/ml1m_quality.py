@@ -1,18 +1,28 @@
-"""ML-1M quality: HSTU, HSTU-large, SASRec, GRU4Rec and BERT4Rec with their configs, beside published numbers.
+"""Quality report of finished (or new) runs beside published rows: ML-1M or Amazon Beauty (``--dataset``).
 
-    python benchmarks/ml1m_quality.py                       # sasrec, hstu, hstu_large, each config's epochs
+    python benchmarks/ml1m_quality.py                       # ML-1M: sasrec, hstu, hstu_large, each config's epochs
     python benchmarks/ml1m_quality.py --models gru4rec bert4rec sasrec hstu   # the lineage on one protocol
     python benchmarks/ml1m_quality.py --models hstu --epochs 40 --nproc 2
     python benchmarks/ml1m_quality.py --report-only         # table from finished runs in runs/
     python benchmarks/ml1m_quality.py --report-only --run hstu=runs/hstu_full_tv   # any run directory
+    python benchmarks/ml1m_quality.py --dataset beauty --models gru4rec bert4rec tiger
+    python benchmarks/ml1m_quality.py --dataset beauty --report-only --models --run sasrec=runs/sasrec_beauty
 
-Prepares ../shared/data/ml-1m with configs/data/ml1m.yaml when data/prepared/ml1m is missing, runs
-``torchrun -m train`` per model (output in runs/<model>_ml1m), then prints HR@10/50/200,
-NDCG@10/50/200 and MRR of each test set beside the HSTU repository's published rows, the negatives
-scheme and training split each run used, its epochs and wall time, and (for runs that keep a test
-curve, ``data.train_split=train_valid``) the best point of the curve and when it first reached the
-published HR@10. Writes benchmarks/results/ml1m_quality.json and a plot of the test HR@10 curves,
-benchmarks/results/ml1m_quality.png.
+Without ``--report-only`` it prepares the data set when its prepared folder is missing (ML-1M from
+../shared/data/ml-1m with configs/data/ml1m.yaml; Beauty with configs/data/amazon_beauty.yaml) and
+runs ``torchrun -m train --config configs/<model>_<dataset>.yaml`` per model (output in
+runs/<model>_<dataset>). Then it prints one row per run beside the published rows of the data set
+(ML-1M: the HSTU repository's HR@10/50/200 and NDCG@10; Beauty: the TIGER paper's Table 1, Recall@k =
+our hr@k with one target) with, per run: the loss (function and negatives), the training split,
+epochs and the best epoch (the selected checkpoint's, or the best point of a test curve), wall time,
+the median training tokens/s, and the parameter counts (dense, tables, total) when the run recorded
+them. Writes benchmarks/results/<dataset>_quality.json and a plot of HR@10 against wall time (and
+against epoch) for every run, benchmarks/results/<dataset>_quality.png.
+
+The curve of a run is the split it evaluated during training: test under ``data.train_split=
+train_valid`` (ML-1M's reference protocol: a curve only, never a decision) and valid under
+``data.train_split=train`` (Beauty's protocol: select on valid, test once at the end). The plot
+labels which; published lines are test numbers.
 """
 
 from __future__ import annotations
@@ -20,10 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from train.config import load_train_config
 
@@ -39,34 +51,87 @@ PUBLISHED = {  # HSTU repository, ML-1M, leave-one-out, all items ranked, histor
 }
 KEYS = ["hr@10", "hr@50", "hr@200", "ndcg@10", "ndcg@50", "ndcg@200", "mrr"]
 
+PUBLISHED_BEAUTY = {  # TIGER paper (Rajput et al., NeurIPS 2023) Table 1, leave-one-out, all items
+    "gru4rec": {"hr@10": 0.0283, "ndcg@10": 0.0137},
+    "bert4rec": {"hr@10": 0.0347, "ndcg@10": 0.0170},
+    "sasrec": {"hr@5": 0.0387, "hr@10": 0.0605, "ndcg@5": 0.0249, "ndcg@10": 0.0318},
+    "tiger": {"hr@5": 0.0454, "hr@10": 0.0648, "ndcg@5": 0.0321, "ndcg@10": 0.0384},
+}
 
-def run_model(name: str, nproc: int, overrides: list[str]) -> dict:
-    out = ROOT / "runs" / f"{name}_ml1m"
+
+class Dataset(NamedTuple):
+    """What the report needs to know about one data set (a NamedTuple: the script is also loaded as a
+    module by path, and dataclasses need their module registered)."""
+
+    title: str
+    suffix: str  # configs/<model>_<suffix>.yaml, runs/<model>_<suffix>
+    published: dict[str, dict[str, float]]
+    keys: list[str]  # the table's metric columns, keys of final_metrics.json's "test"
+    prepare_config: str
+    prepared_dir: str
+    default_models: list[str]
+    # Models reported without a published row (e.g. HSTU on Beauty).
+    unpublished: tuple[str, ...] = ()
+    # A test curve's first time at these models' published HR@10 is noted per run (ML-1M).
+    reach_targets: tuple[str, ...] = ()
+
+    @property
+    def models(self) -> list[str]:
+        return [*self.published, *self.unpublished]
+
+
+DATASETS = {
+    "ml1m": Dataset("ML-1M", "ml1m", PUBLISHED, KEYS, "configs/data/ml1m.yaml", "data/prepared/ml1m",
+                    ["sasrec", "hstu", "hstu_large"], reach_targets=("hstu", "hstu_large")),
+    "beauty": Dataset("Amazon Beauty", "beauty", PUBLISHED_BEAUTY, ["hr@5", "hr@10", "ndcg@5", "ndcg@10"],
+                      "configs/data/amazon_beauty.yaml", "data/prepared/amazon_beauty",
+                      ["gru4rec", "bert4rec", "tiger"], unpublished=("hstu",)),
+}  # fmt: skip
+
+
+def run_model(name: str, dataset: Dataset, nproc: int, overrides: list[str]) -> dict:
+    config = ROOT / "configs" / f"{name}_{dataset.suffix}.yaml"
+    if not config.is_file():
+        raise SystemExit(
+            f"--models {name}: no {config.relative_to(ROOT)}; train it by hand and pass --run {name}=DIR"
+        )
+    out = ROOT / "runs" / f"{name}_{dataset.suffix}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "train",
-           "--config", f"configs/{name}_ml1m.yaml", f"run.output_dir={out}", *overrides]  # fmt: skip
+           "--config", str(config.relative_to(ROOT)), f"run.output_dir={out}", *overrides]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return {"seconds": time.perf_counter() - t0}
 
 
-def test_curve(run_dir: Path, key: str) -> list[tuple[int | None, float | None, float]]:
-    """``[(epoch, elapsed seconds, value), ...]`` of ``test/<key>`` during training, from metrics.jsonl.
-
-    Only ``data.train_split=train_valid`` runs evaluate test during training (as a curve, never for
-    selection); other runs have no test curve and give [].
-    """
+def read_records(run_dir: Path) -> list[dict]:
+    """The run's metrics.jsonl records in order ([] when it has none)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    curve, epoch = [], None
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curve_points(
+    records: list[dict], split: str, key: str
+) -> list[tuple[int, int | None, float | None, float]]:
+    """``[(step, epoch, elapsed seconds, value), ...]`` of ``<split>/<key>`` in ``records``; the epoch is
+    the last logged ``train/epoch`` before the point, rounded (evaluations run at epoch ends)."""
+    points, epoch = [], None
+    for rec in records:
         epoch = rec.get("train/epoch", epoch)
-        if f"test/{key}" in rec:
-            curve.append(
-                (round(epoch) if epoch is not None else None, rec.get("elapsed_s"), rec[f"test/{key}"])
-            )
-    return curve
+        if f"{split}/{key}" in rec:
+            points.append((rec.get("step"), round(epoch) if epoch is not None else None, rec.get("elapsed_s"),
+                           rec[f"{split}/{key}"]))  # fmt: skip
+    return points
+
+
+def test_curve(run_dir: Path, key: str, split: str = "test") -> list[tuple[int | None, float | None, float]]:
+    """``[(epoch, elapsed seconds, value), ...]`` of ``<split>/<key>`` during training, from metrics.jsonl.
+
+    Only ``data.train_split=train_valid`` runs evaluate test during training (as a curve, never for
+    selection); the others have a valid curve (``split="valid"``) and no test curve ([]).
+    """
+    return [point[1:] for point in curve_points(read_records(run_dir), split, key)]
 
 
 def time_to(
@@ -79,33 +144,16 @@ def time_to(
     return None, None
 
 
-def plot_curves(runs: list[tuple[str, Path]], key: str, path: Path) -> Path | None:
-    """Test ``key`` against epoch for every run that has a test curve, with each model's published value."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+def curve_split(train_split: str) -> str:
+    """The split a run evaluated during training: test under train_valid (a curve only), else valid."""
+    return "test" if train_split == "train_valid" else "valid"
 
-    curves = [(name, run_dir, test_curve(run_dir, key)) for name, run_dir in runs]
-    curves = [(name, run_dir, curve) for name, run_dir, curve in curves if curve]
-    if not curves:
-        return None
-    fig = Figure(figsize=(8, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, run_dir, curve in curves:
-        ax.plot([e for e, _, _ in curve], [v for _, _, v in curve], marker="o", ms=3,
-                label=f"{name}: {run_dir.name}")  # fmt: skip
-    for name in dict.fromkeys(name for name, _, _ in curves):
-        ax.axhline(PUBLISHED[name][key], ls="--", lw=1, color="gray")
-        ax.text(0.01, PUBLISHED[name][key], f"published {name} {PUBLISHED[name][key]}", fontsize=8,
-                va="bottom", transform=ax.get_yaxis_transform())  # fmt: skip
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(f"test {key}")
-    ax.set_title(f"ML-1M test {key} during training (train_valid runs)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+
+def median_tokens_per_s(records: list[dict]) -> float | None:
+    """Median ``train/tokens_per_s`` over the logged windows after the first (which includes warm-up)."""
+    values = [r["train/tokens_per_s"] for r in records if "train/tokens_per_s" in r]
+    values = values[1:] if len(values) > 1 else values
+    return statistics.median(values) if values else None
 
 
 def run_input(config) -> str:
@@ -117,11 +165,108 @@ def run_input(config) -> str:
     return ",".join(Path(p).name for p in paths)
 
 
-def seed_summary(rows: list[dict]) -> list[dict]:
-    """Mean and sample standard deviation over runs that differ only by seed (same model, input, time
-    protocol, epochs, negatives): one line per group with two or more seeds."""
-    import statistics
+def run_row(name: str, run_dir: Path, dataset: Dataset) -> dict:
+    """One table row of a finished run (its final_metrics.json, config.yaml and metrics.jsonl)."""
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    config = load_train_config(run_dir / "config.yaml")  # the run's resolved config
+    records = read_records(run_dir)  # metrics.jsonl is read once per run
+    train_split = final.get("train_split", "train")
+    split = curve_split(train_split)
+    points = curve_points(records, split, "hr@10")
+    curve = [p[1:] for p in points]
+    best = max(curve, key=lambda point: point[2], default=(None, None, None))
+    # The selected checkpoint's epoch (train split: the valid point at best_step); none under train_valid.
+    best_step = final.get("best_step", -1)
+    selected = next(
+        (p for p in points if best_step is not None and best_step >= 0 and p[0] == best_step), None
+    )
+    on_test = split == "test"  # published numbers are test numbers: compare test curves only
+    published_hr10 = dataset.published.get(name, {}).get("hr@10")
+    seconds, epoch = time_to(curve, published_hr10) if on_test and published_hr10 else (None, None)
+    reached = {
+        t: time_to(curve, dataset.published[t]["hr@10"])[0] if on_test else None
+        for t in dataset.reach_targets
+    }
+    source = str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir)
+    return {"model": name, "source": source, **{k: final["test"].get(k) for k in dataset.keys},
+            "epochs": final.get("epochs"), "best_epoch": selected[1] if selected else None,
+            "negatives": config.loss.describe(), "loss_function": config.loss.function,
+            "table_optimizer": config.embeddings.optimizer, "train_split": train_split, "curve_split": split,
+            "elapsed_s": final.get("elapsed_s"), "tokens_per_s": median_tokens_per_s(records),
+            "params": final.get("params"),
+            "published_hr@10_reached_s": seconds, "published_hr@10_reached_epoch": epoch,
+            **{f"{t}_hr@10_reached_s": s for t, s in reached.items()},
+            "seed": config.run.seed, "input": run_input(config),
+            "time_gap_from": getattr(config.model, "time_gap_from", None),
+            "best_curve_hr@10": best[2], "best_curve_epoch": best[0]}  # fmt: skip
 
+
+def build_rows(runs: list[tuple[str, Path]], dataset: Dataset) -> list[dict]:
+    """One row per finished run (model name, run dir), each model's published row after its runs."""
+    rows = []
+    for name in dict.fromkeys(name for name, _ in runs):
+        for model, run_dir in runs:
+            if model != name:
+                continue
+            if not (run_dir / "final_metrics.json").is_file():  # say why a run is missing from the table
+                why = "not finished; its curve, if any, is in the plot" if run_dir.is_dir() else "no such run"
+                print(f"{run_dir}: no final_metrics.json ({why})")
+                continue
+            rows.append(run_row(name, run_dir, dataset))
+        if name in dataset.published:
+            rows.append({"model": name, "source": "published", **dataset.published[name]})
+    return rows
+
+
+def _notes(r: dict, dataset: Dataset) -> str:
+    if r["source"] == "published":
+        return ""
+    selected = f"best_epoch={r['best_epoch']}" if r["best_epoch"] is not None else "tested the last model"
+    notes = (f"loss={r['negatives']} epochs={r['epochs']} {selected} table={r['table_optimizer']} "
+             f"train_split={r['train_split']}")  # fmt: skip
+    if r["elapsed_s"]:
+        notes += f" time={r['elapsed_s'] / 60:.0f}min"
+    if r["tokens_per_s"] is not None:
+        notes += f" tokens/s={r['tokens_per_s']:.0f}"
+    if r["params"]:
+        p = r["params"]
+        millions = {k: f"{v / 1e6:.3f}M" for k, v in p.items()}
+        notes += f" params={millions['total']} (dense {millions['dense']} + tables {millions['tables']})"
+    if r["best_curve_hr@10"] is not None:
+        notes += f" best {r['curve_split']} HR@10 {r['best_curve_hr@10']:.4f} (epoch {r['best_curve_epoch']})"
+    notes += f" input={r['input']} seed={r['seed']}"
+    if r["time_gap_from"] is not None:
+        notes += f" time_gap_from={r['time_gap_from']}"
+    for target in dataset.reach_targets:
+        if r.get(f"{target}_hr@10_reached_s") is not None:
+            notes += f" {dataset.published[target]['hr@10']} at {r[f'{target}_hr@10_reached_s'] / 60:.0f}min"
+    if r["published_hr@10_reached_s"] is not None:
+        notes += (f" published HR@10 reached at epoch {r['published_hr@10_reached_epoch']}, "
+                  f"{r['published_hr@10_reached_s'] / 60:.0f}min")  # fmt: skip
+    return notes
+
+
+def format_table(rows: list[dict], dataset: Dataset) -> str:
+    """The rows as a fixed-width table: the data set's metrics, then the run's notes."""
+    width = max([len("source"), *(len(r["source"]) for r in rows)])
+    header = f"{'model':11s} {'source':{width}s} " + " ".join(f"{k:>8s}" for k in dataset.keys) + "  notes"
+    lines = [f"{dataset.title} (test; Recall@k = hr@k with one target)", header, "-" * len(header)]
+    for r in rows:
+        cells = " ".join(f"{r[k]:8.4f}" if r.get(k) is not None else f"{'':8s}" for k in dataset.keys)
+        lines.append(f"{r['model']:11s} {r['source']:{width}s} {cells}  {_notes(r, dataset)}".rstrip())
+    return "\n".join(lines)
+
+
+def report(runs: list[tuple[str, Path]], dataset: Dataset = DATASETS["ml1m"]) -> list[dict]:
+    """Print the table of ``runs`` beside the published rows; return its rows."""
+    rows = build_rows(runs, dataset)
+    print(format_table(rows, dataset))
+    return rows
+
+
+def seed_summary(rows: list[dict], keys: list[str] = KEYS) -> list[dict]:
+    """Mean and sample standard deviation over runs that differ only by seed (same model, input, time
+    protocol, epochs, loss, split): one line per group with two or more seeds."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["source"] != "published":
@@ -133,116 +278,123 @@ def seed_summary(rows: list[dict]) -> list[dict]:
             continue
         line = {"model": model, "input": source, "time_gap_from": gap, "epochs": epochs, "seeds":
                 [r["seed"] for r in group]}  # fmt: skip
-        for k in KEYS:
+        for k in keys:
             values = [r[k] for r in group]
             line[k] = statistics.mean(values)
             line[f"{k}_std"] = statistics.stdev(values)
         out.append(line)
         print(
             f"{model:11s} {len(group)} seeds {line['seeds']} input={source} time_gap_from={gap} epochs={epochs}: "
-            + " ".join(f"{k} {line[k]:.4f}+-{line[k + '_std']:.4f}" for k in ("hr@10", "ndcg@10", "mrr"))
+            + " ".join(
+                f"{k} {line[k]:.4f}+-{line[k + '_std']:.4f}" for k in keys if k in ("hr@10", "ndcg@10", "mrr")
+            )
         )
     return out
 
 
-def report(runs: list[tuple[str, Path]]) -> list[dict]:
-    """One row per finished run (model name, run dir) plus the published row of each model."""
-    rows = []
-    for name in dict.fromkeys(name for name, _ in runs):
-        for model, run_dir in runs:
-            path = run_dir / "final_metrics.json"
-            if model != name:
-                continue
-            if not path.is_file():  # say why a run is missing from the table
-                why = (
-                    "not finished; its test curve, if any, is in the plot"
-                    if run_dir.is_dir()
-                    else "no such run"
-                )
-                print(f"{run_dir}: no final_metrics.json ({why})")
-                continue
-            final = json.loads(path.read_text())
-            config = load_train_config(run_dir / "config.yaml")  # the run's resolved config
-            curve = test_curve(run_dir, "hr@10")  # metrics.jsonl is read once per run
-            seconds, epoch = time_to(curve, PUBLISHED[name]["hr@10"])
-            reached = {
-                target: time_to(curve, PUBLISHED[target]["hr@10"]) for target in ("hstu", "hstu_large")
-            }
-            best = max(curve, key=lambda point: point[2], default=(None, None, None))
-            rows.append({"model": name, "source": str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT)
-                         else str(run_dir), **{k: final["test"][k] for k in KEYS},
-                         "epochs": final.get("epochs"), "negatives": config.loss.describe(),
-                         "table_optimizer": config.embeddings.optimizer,
-                         "train_split": final.get("train_split", "train"), "elapsed_s": final.get("elapsed_s"),
-                         "published_hr@10_reached_s": seconds, "published_hr@10_reached_epoch": epoch,
-                         "hstu_hr@10_reached_s": reached["hstu"][0], "hstu_large_hr@10_reached_s":
-                         reached["hstu_large"][0], "seed": config.run.seed, "input": run_input(config),
-                         "time_gap_from": getattr(config.model, "time_gap_from", None),
-                         "best_curve_hr@10": best[2], "best_curve_epoch": best[0]})  # fmt: skip
-        rows.append({"model": name, "source": "published", **PUBLISHED[name]})
-    width = max(len(r["source"]) for r in rows)
-    header = f"{'model':11s} {'source':{width}s} " + " ".join(f"{k:>8s}" for k in KEYS) + "  notes"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        cells = " ".join(f"{r[k]:8.4f}" if k in r else f"{'':8s}" for k in KEYS)
-        notes = ""
-        if r["source"] != "published":
-            notes = (
-                f"epochs={r['epochs']} negatives={r['negatives']} table={r['table_optimizer']} "
-                f"train_split={r['train_split']}"
+def curves_by_run(runs: list[tuple[str, Path]], key: str) -> list[dict]:
+    """Per run with a curve: its label, split, and ``[(epoch, minutes, value)]`` of ``<split>/<key>``."""
+    out = []
+    for name, run_dir in runs:
+        records = read_records(run_dir)
+        config_path = run_dir / "config.yaml"
+        train_split = load_train_config(config_path).data.train_split if config_path.is_file() else "train"
+        split = curve_split(train_split)
+        points = [(e, s / 60, v) for _, e, s, v in curve_points(records, split, key) if s is not None]
+        if points:
+            out.append(
+                {
+                    "model": name,
+                    "label": f"{name} ({split}): {run_dir.name}",
+                    "split": split,
+                    "points": points,
+                }
             )
-            if r["elapsed_s"]:
-                notes += f" time={r['elapsed_s'] / 60:.0f}min"
-            if r["best_curve_hr@10"] is not None:
-                notes += (
-                    f" best HR@10 on the curve {r['best_curve_hr@10']:.4f} (epoch {r['best_curve_epoch']})"
-                )
-            notes += f" input={r['input']} seed={r['seed']}"
-            if r["time_gap_from"] is not None:
-                notes += f" time_gap_from={r['time_gap_from']}"
-            for target in ("hstu", "hstu_large"):
-                if r[f"{target}_hr@10_reached_s"] is not None:
-                    notes += f" {PUBLISHED[target]['hr@10']} at {r[f'{target}_hr@10_reached_s'] / 60:.0f}min"
-            if r["published_hr@10_reached_s"] is not None:
-                notes += (f" published HR@10 reached at epoch {r['published_hr@10_reached_epoch']}, "
-                          f"{r['published_hr@10_reached_s'] / 60:.0f}min")  # fmt: skip
-        print(f"{r['model']:11s} {r['source']:{width}s} {cells}  {notes}")
-    return rows
+    return out
+
+
+def plot_curves(
+    runs: list[tuple[str, Path]], key: str, path: Path, dataset: Dataset = DATASETS["ml1m"]
+) -> Path | None:
+    """``key`` against wall time (minutes) and against epoch, one line per run that has a curve (its
+    valid or test split, in the label), with each model's published test value as a dashed line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = curves_by_run(runs, key)
+    if not curves:
+        return None
+    fig = Figure(figsize=(13, 5))
+    FigureCanvasAgg(fig)
+    by_time, by_epoch = fig.subplots(1, 2, sharey=True)
+    for c in curves:
+        by_time.plot(
+            [m for _, m, _ in c["points"]], [v for _, _, v in c["points"]], marker="o", ms=3, label=c["label"]
+        )
+        by_epoch.plot([e for e, _, _ in c["points"]], [v for _, _, v in c["points"]], marker="o", ms=3)
+    for name in dict.fromkeys(c["model"] for c in curves):
+        value = dataset.published.get(name, {}).get(key)
+        if value is None:
+            continue
+        for ax in (by_time, by_epoch):
+            ax.axhline(value, ls="--", lw=1, color="gray")
+            ax.text(0.01, value, f"published {name} {value} (test)", fontsize=8, va="bottom",
+                    transform=ax.get_yaxis_transform())  # fmt: skip
+    splits = " and ".join(sorted({c["split"] for c in curves}))
+    by_time.set_xlabel("wall time (minutes)")
+    by_epoch.set_xlabel("epoch")
+    by_time.set_ylabel(f"{splits} {key}")
+    fig.suptitle(f"{dataset.title}: {key} during training ({splits} split, as each label says)")
+    for ax in (by_time, by_epoch):
+        ax.grid(alpha=0.3)
+    by_time.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="*", default=["sasrec", "hstu", "hstu_large"])
+    parser.add_argument("--dataset", choices=list(DATASETS), default="ml1m")
+    parser.add_argument("--models", nargs="*", default=None, help="default: the data set's usual models")
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=None, help="override run.epochs")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--run", action="append", default=[], metavar="MODEL=DIR",
-                        help="also report this run directory as MODEL (a key of PUBLISHED)")  # fmt: skip
+                        help="also report this run directory as MODEL (a model of the data set)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="extra trainer overrides, key.sub=value")
     args = parser.parse_args()
+    dataset = DATASETS[args.dataset]
+    models = dataset.default_models if args.models is None else args.models
     os.chdir(ROOT)
-    if not args.report_only:
-        if not (ROOT / "data/prepared/ml1m/manifest.json").is_file():
-            subprocess.run([sys.executable, "-m", "data_pipeline", "prepare", "--config", "configs/data/ml1m.yaml"],
-                           check=True)  # fmt: skip
-        extra = list(args.overrides) + ([f"run.epochs={args.epochs}"] if args.epochs else [])
-        for name in args.models:
-            run_model(name, args.nproc, extra)
-    runs = [(name, ROOT / "runs" / f"{name}_ml1m") for name in args.models]
+    for name in models:
+        if name not in dataset.models:
+            parser.error(
+                f"--models {name}: expected one of {', '.join(dataset.models)} for --dataset {args.dataset}"
+            )
+    runs = [(name, ROOT / "runs" / f"{name}_{dataset.suffix}") for name in models]
     for item in args.run:
         model, _, run_dir = item.partition("=")
-        if model not in PUBLISHED or not run_dir:
-            parser.error(f"--run {item}: expected MODEL=DIR with MODEL one of {', '.join(PUBLISHED)}")
+        if model not in dataset.models or not run_dir:
+            parser.error(f"--run {item}: expected MODEL=DIR with MODEL one of {', '.join(dataset.models)}")
         runs.append((model, Path(run_dir).resolve()))
-    rows = report(runs)
-    rows += seed_summary(rows)
-    figure = plot_curves(runs, "hr@10", ROOT / "benchmarks" / "results" / "ml1m_quality.png")
+    if not args.report_only:
+        if not (ROOT / dataset.prepared_dir / "manifest.json").is_file():
+            subprocess.run([sys.executable, "-m", "data_pipeline", "prepare", "--config", dataset.prepare_config],
+                           check=True)  # fmt: skip
+        extra = list(args.overrides) + ([f"run.epochs={args.epochs}"] if args.epochs else [])
+        for name in models:
+            run_model(name, dataset, args.nproc, extra)
+    rows = report(runs, dataset)
+    rows += seed_summary(rows, dataset.keys)
+    results = ROOT / "benchmarks" / "results"
+    figure = plot_curves(runs, "hr@10", results / f"{args.dataset}_quality.png", dataset)
     if figure:
-        print(f"test HR@10 curves: {figure}")
-    out = ROOT / "benchmarks" / "results" / "ml1m_quality.json"
+        print(f"HR@10 curves against wall time and epoch: {figure}")
+    out = results / f"{args.dataset}_quality.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2))
+    print(f"rows: {out}")
     return 0
 
 

@@ -56,3 +56,118 @@ def test_seed_summary_groups_runs_that_differ_only_by_seed():
     (line,) = bench.seed_summary(rows)  # the input and 60-epoch runs have one seed each: no line
     assert line["seeds"] == [42, 7, 1] and line["time_gap_from"] == "target"
     assert abs(line["hr@10"] - 0.32) < 1e-12 and abs(line["hr@10_std"] - 0.02) < 1e-12
+
+
+# ------------------------------------------------------------------- the report on synthetic runs
+
+
+def write_run(run_dir: Path, overrides: list[str], final: dict, records: list[dict]) -> Path:
+    """A finished run directory as the trainer leaves it: config.yaml, final_metrics.json, metrics.jsonl."""
+    from cluster.config import save_config
+    from train.config import load_train_config
+
+    save_config(load_train_config(None, overrides), run_dir / "config.yaml")
+    (run_dir / "final_metrics.json").write_text(json.dumps(final))
+    write_metrics(run_dir, records)
+    return run_dir
+
+
+BEAUTY_TEST = {"hr@5": 0.031, "hr@10": 0.052, "ndcg@5": 0.020, "ndcg@10": 0.027, "mrr": 0.02}
+
+
+def beauty_run(tmp_path: Path) -> Path:
+    """A Beauty-protocol run (train split: valid curve, best checkpoint at step 20 = epoch 2)."""
+    records = [
+        {"step": 5, "elapsed_s": 30.0, "train/epoch": 0.5, "train/loss": 9.0, "train/tokens_per_s": 100.0},
+        {"step": 10, "elapsed_s": 60.0, "train/epoch": 1.0, "train/loss": 8.0, "train/tokens_per_s": 400.0},
+        {"step": 10, "elapsed_s": 70.0, "valid/hr@10": 0.030},
+        {"step": 15, "elapsed_s": 100.0, "train/epoch": 1.5, "train/loss": 7.0, "train/tokens_per_s": 600.0},
+        {"step": 20, "elapsed_s": 130.0, "train/epoch": 2.0, "train/loss": 6.5, "train/tokens_per_s": 500.0},
+        {"step": 20, "elapsed_s": 140.0, "valid/hr@10": 0.061},
+        {"step": 30, "elapsed_s": 200.0, "train/epoch": 3.0, "train/loss": 6.4, "train/tokens_per_s": 800.0},
+        {"step": 30, "elapsed_s": 210.0, "valid/hr@10": 0.055},
+    ]  # fmt: skip
+    params = {"dense": 1000, "tables": 64 * 12102, "total": 1000 + 64 * 12102}
+    final = {"test": BEAUTY_TEST, "valid": {}, "best_step": 20, "steps": 30, "epochs": 3, "elapsed_s": 240.0,
+             "params": params, "train_split": "train"}  # fmt: skip
+    overrides = [
+        "model.name=sasrec",
+        "loss.function=binary",
+        "loss.negatives=per_position",
+        "loss.num_negatives=1",
+    ]
+    return write_run(tmp_path / "sasrec_beauty", overrides, final, records)
+
+
+def test_beauty_rows_carry_time_speed_size_loss_and_the_selected_epoch(tmp_path, capsys):
+    beauty = bench.DATASETS["beauty"]
+    run = beauty_run(tmp_path)
+    unfinished = tmp_path / "hstu_unfinished"
+    write_metrics(unfinished, [{"step": 10, "elapsed_s": 60.0, "train/epoch": 1.0, "valid/hr@10": 0.01}])
+    rows = bench.build_rows([("sasrec", run), ("hstu", unfinished), ("tiger", tmp_path / "absent")], beauty)
+    assert "not finished" in capsys.readouterr().out
+    ours, published, tiger = rows  # no row for the unfinished run, HSTU has no published Beauty row
+    assert published == {"model": "sasrec", "source": "published", "hr@5": 0.0387, "hr@10": 0.0605,
+                         "ndcg@5": 0.0249, "ndcg@10": 0.0318}  # fmt: skip
+    assert tiger["source"] == "published" and tiger["hr@10"] == 0.0648
+    assert {k: ours[k] for k in beauty.keys} == {k: BEAUTY_TEST[k] for k in beauty.keys}
+    assert ours["negatives"] == "binary per_position(1)" and ours["loss_function"] == "binary"
+    assert ours["train_split"] == "train" and ours["curve_split"] == "valid"
+    assert ours["epochs"] == 3 and ours["best_epoch"] == 2  # the checkpoint selected at step 20
+    assert ours["best_curve_hr@10"] == 0.061 and ours["best_curve_epoch"] == 2
+    assert ours["tokens_per_s"] == 550.0  # median of 400, 600, 500, 800: the first window (warm-up) dropped
+    assert ours["elapsed_s"] == 240.0 and ours["params"]["total"] == 1000 + 64 * 12102
+    # A valid curve is never compared with the published (test) HR@10, though it passes it.
+    assert ours["published_hr@10_reached_s"] is None
+    table = bench.format_table(rows, beauty)
+    header = table.splitlines()[1].split()
+    assert header[2:6] == ["hr@5", "hr@10", "ndcg@5", "ndcg@10"] and "hr@200" not in table
+    line = next(line for line in table.splitlines() if "sasrec_beauty" in line)
+    assert "loss=binary per_position(1)" in line and "tokens/s=550" in line and "time=4min" in line
+    assert "params=0.776M" in line and "best_epoch=2" in line
+
+
+def test_ml1m_test_curve_rows_note_when_the_published_hr10_was_reached(tmp_path):
+    records = [
+        {"step": 10, "elapsed_s": 60.0, "train/epoch": 1.0, "train/loss": 8.0, "train/tokens_per_s": 10.0},
+        {"step": 10, "elapsed_s": 65.0, "test/hr@10": 0.20},
+        {"step": 20, "elapsed_s": 120.0, "train/epoch": 2.0, "train/loss": 7.0, "train/tokens_per_s": 20.0},
+        {"step": 20, "elapsed_s": 125.0, "test/hr@10": 0.2860},
+        {"step": 30, "elapsed_s": 180.0, "train/epoch": 3.0, "train/loss": 6.0, "train/tokens_per_s": 30.0},
+        {"step": 30, "elapsed_s": 185.0, "test/hr@10": 0.3100},
+    ]  # fmt: skip
+    final = {"test": {k: 0.3 for k in bench.KEYS}, "best_step": -1, "epochs": 3, "elapsed_s": 200.0,
+             "train_split": "train_valid"}  # an older run: no "params"  # fmt: skip
+    run = write_run(
+        tmp_path / "sasrec_tv", ["model.name=sasrec", "data.train_split=train_valid"], final, records
+    )
+    (ours, published) = bench.build_rows([("sasrec", run)], bench.DATASETS["ml1m"])
+    assert published["source"] == "published" and published["hr@10"] == bench.PUBLISHED["sasrec"]["hr@10"]
+    assert ours["curve_split"] == "test" and ours["best_epoch"] is None and ours["params"] is None
+    assert (ours["published_hr@10_reached_s"], ours["published_hr@10_reached_epoch"]) == (125.0, 2)  # 0.2853
+    assert ours["hstu_hr@10_reached_s"] == 185.0 and ours["hstu_large_hr@10_reached_s"] is None
+    assert ours["tokens_per_s"] == 25.0 and ours["negatives"] == "shared(512)"
+    assert "params=" not in bench.format_table([ours, published], bench.DATASETS["ml1m"])
+
+
+def test_curves_against_wall_time_use_each_runs_own_split(tmp_path):
+    beauty = bench.DATASETS["beauty"]
+    valid_run = beauty_run(tmp_path)
+    curves = bench.curves_by_run([("sasrec", valid_run), ("tiger", tmp_path / "absent")], "hr@10")
+    (curve,) = curves
+    assert curve["split"] == "valid" and "(valid)" in curve["label"]
+    assert curve["points"] == [(1, 70.0 / 60, 0.030), (2, 140.0 / 60, 0.061), (3, 210.0 / 60, 0.055)]
+    path = bench.plot_curves([("sasrec", valid_run)], "hr@10", tmp_path / "plot.png", beauty)
+    assert path.is_file() and path.stat().st_size > 1000
+    assert bench.plot_curves([("tiger", tmp_path / "absent")], "hr@10", tmp_path / "none.png", beauty) is None
+
+
+def test_seed_summary_takes_the_datasets_keys():
+    def row(seed, hr):
+        return {"model": "sasrec", "source": f"runs/s{seed}", "input": "?", "time_gap_from": None,
+                "epochs": 10, "negatives": "full", "train_split": "train", "seed": seed, "hr@5": hr / 2, "hr@10": hr,
+                "ndcg@5": hr / 4, "ndcg@10": hr / 3}  # fmt: skip
+
+    (line,) = bench.seed_summary([row(1, 0.05), row(2, 0.07)], bench.DATASETS["beauty"].keys)
+    assert abs(line["hr@10"] - 0.06) < 1e-12 and abs(line["hr@5"] - 0.03) < 1e-12
+    assert "mrr" not in line and "hr@200" not in line

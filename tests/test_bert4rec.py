@@ -120,6 +120,37 @@ def test_loss_counts_the_masked_positions_only():
     assert float(loss_sum) == pytest.approx(want, rel=1e-5)
 
 
+def test_binary_loss_at_the_masked_positions_matches_brute_force():
+    """loss.function=binary reaches BERT4Rec's cloze loss: one binary term set per mask, against that
+    position's sampled negatives (items 1..I), accidental hits dropped."""
+    task = make_task("loss.function=binary", "loss.negatives=per_position", "loss.num_negatives=4")
+    model, weight = model_and_table(task)
+    batch = make_batch(ROWS)
+    ctx = PlainTableContext(step=3, seed=5, rank=0, world_size=1, device=torch.device("cpu"), dense=model,
+                            dense_dtype=torch.float32, grad_accum_steps=1, loss_scale=1.0, weight=weight)  # fmt: skip
+    loss_sum, num = task.train_loss(batch, ctx)
+    temperature = task.cfg.loss.temperature
+    neg_ids = task._negatives(int(num), ctx)  # the step's draw: a pure function of (seed, step, rank)
+    assert neg_ids.shape == (int(num), 4) and 1 <= int(neg_ids.min()) and int(neg_ids.max()) <= NUM_ITEMS
+    want, m = 0.0, 0
+    for user, row in zip(batch.user_ids.tolist(), ROWS):
+        if len(row) < 2:
+            continue
+        row = row[-6:]
+        masked = cloze_mask(torch.tensor([user]), torch.tensor([len(row)]), 5, 3, 0.4)
+        inputs = torch.tensor([NUM_ITEMS + 1 if flag else i for i, flag in zip(row, masked.tolist())])
+        query = model(weight[inputs], torch.tensor([0, len(row)]), len(row))
+        for t in torch.nonzero(masked).flatten().tolist():
+            ids = [row[t]] + [n for n in neg_ids[m].tolist() if n != row[t]]
+            logits = torch.stack([query[t] @ F.normalize(weight[j], dim=0) for j in ids]) / temperature
+            labels = torch.zeros(len(ids))
+            labels[0] = 1.0
+            want += float(F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"))
+            m += 1
+    assert int(num) == m
+    assert float(loss_sum) == pytest.approx(want, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------- evaluation
 
 

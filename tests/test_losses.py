@@ -1,4 +1,4 @@
-"""Sampled / in-batch softmax losses against a brute-force per-row computation; negative sampling."""
+"""Sampled / in-batch softmax and binary losses against brute-force per-row computations; negative sampling."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from train.models.losses import (
     full_softmax_loss,
     in_batch_softmax_loss,
     sample_negatives,
+    sampled_binary_loss,
     sampled_softmax_loss,
 )
 
@@ -158,6 +159,93 @@ def test_bad_shapes_and_temperature_raise_value_error():
         sampled_softmax_loss(query, table[pos_ids], pos_ids, table[:3], torch.arange(4), 0.1)
     with pytest.raises(ValueError, match="pos_emb"):
         in_batch_softmax_loss(query, table[pos_ids][:, :2], pos_ids, 0.1)
+
+
+def brute_force_binary(query, table, pos_ids, neg_ids_NK, temperature, drop_hits=True):
+    """Position by position: the target's logit with label 1 and each negative's (not the target's id
+    unless ``drop_hits=False``) with label 0, through torch's binary_cross_entropy_with_logits."""
+    total = 0.0
+    for i in range(query.shape[0]):
+        pos = int(pos_ids[i])
+        ids = [pos] + [int(n) for n in neg_ids_NK[i] if int(n) != pos or not drop_hits]
+        logits = torch.stack([query[i] @ unit(table[j]) for j in ids]) / temperature
+        labels = torch.zeros(len(ids), dtype=logits.dtype)
+        labels[0] = 1.0
+        total = total + F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+    return total
+
+
+def test_binary_loss_matches_brute_force_per_position_and_shared_with_hits():
+    query, table, pos_ids, gen = make_inputs(num_pos=7, num_neg=4)
+    neg_ids = torch.randint(1, 8, (7, 4), generator=gen)
+    neg_ids[0, 1] = pos_ids[0]  # accidental hits: dropped, as in the softmax
+    neg_ids[5, :] = pos_ids[5]  # every negative a hit: only the positive's term is left
+    loss, count = sampled_binary_loss(query, table[pos_ids], pos_ids, table[neg_ids], neg_ids, 0.5)
+    assert count.item() == 7 and count.dtype == torch.int64
+    expected = brute_force_binary(query, table, pos_ids, neg_ids, 0.5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    # Counting the hits as negatives would give another number.
+    unmasked = brute_force_binary(query, table, pos_ids, neg_ids, 0.5, drop_hits=False)
+    assert abs(unmasked.item() - expected.item()) > 1e-3
+    # Shared [K] negatives: the same draw for every position (one of them a hit for some positions).
+    shared = torch.cat([pos_ids[:1], torch.randint(1, 8, (5,), generator=gen)])
+    loss, _ = sampled_binary_loss(query, table[pos_ids], pos_ids, table[shared], shared, 0.05)
+    expected = brute_force_binary(query, table, pos_ids, shared.expand(7, -1), 0.05)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_binary_loss_one_negative_is_sasrec_eq_5():
+    """One negative per position, no hit: -log sigmoid(s+) - log(1 - sigmoid(s-)) written out."""
+    query, table, _, _ = make_inputs(num_pos=3)
+    pos_ids, neg_ids = torch.tensor([1, 2, 3]), torch.tensor([[4], [5], [6]])
+    loss, _ = sampled_binary_loss(query, table[pos_ids], pos_ids, table[neg_ids], neg_ids, 0.2)
+    s_pos = (query * unit(table[pos_ids])).sum(-1) / 0.2
+    s_neg = (query * unit(table[neg_ids[:, 0]])).sum(-1) / 0.2
+    expected = -(torch.log(torch.sigmoid(s_pos)) + torch.log(1 - torch.sigmoid(s_neg))).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_binary_loss_gradient_matches_brute_force(shared):
+    query, table, pos_ids, gen = make_inputs(num_pos=6, num_neg=3)
+    neg_ids = torch.randint(1, 8, (3,) if shared else (6, 3), generator=gen)
+    neg_ids.view(-1)[0] = pos_ids[0]  # a hit
+    grads = []
+    for fn in ("ours", "brute"):
+        q, emb = query.clone().requires_grad_(True), table.clone().requires_grad_(True)
+        if fn == "ours":
+            loss, _ = sampled_binary_loss(q, emb[pos_ids], pos_ids, emb[neg_ids], neg_ids, 0.1)
+        else:
+            loss = brute_force_binary(q, emb, pos_ids, neg_ids.expand(6, -1) if shared else neg_ids, 0.1)
+        grads.append(torch.autograd.grad(loss, [q, emb]))
+    for ours, brute in zip(*grads):
+        torch.testing.assert_close(ours, brute)
+
+
+def test_binary_loss_refuses_bad_shapes():
+    query, table, pos_ids, _ = make_inputs()
+    with pytest.raises(ValueError, match="neg_ids"):
+        sampled_binary_loss(query, table[pos_ids], pos_ids, table[:3], torch.arange(4), 0.1)
+    with pytest.raises(ValueError, match="temperature"):
+        sampled_binary_loss(query, table[pos_ids], pos_ids, table[:3], torch.arange(3), -1.0)
+
+
+@pytest.mark.parametrize("negatives", ["full", "in_batch"])
+def test_binary_loss_without_sampled_negatives_is_one_config_error(negatives):
+    from cluster.config import ConfigError
+    from train.config import load_train_config
+
+    with pytest.raises(ConfigError, match="loss.function") as err:
+        load_train_config(None, ["loss.function=binary", f"loss.negatives={negatives}"])
+    message = str(err.value)
+    assert "\n" not in message and negatives in message and "per_position" in message
+    for ok in ("per_position", "shared"):
+        cfg = load_train_config(
+            None, ["loss.function=binary", f"loss.negatives={ok}", "loss.num_negatives=1"]
+        )
+        assert cfg.loss.describe() == f"binary {ok}(1)"
+    with pytest.raises(ConfigError, match="loss.function"):
+        load_train_config(None, ["loss.function=hinge"])
 
 
 def test_sample_negatives_uniform_over_1_to_num_items():

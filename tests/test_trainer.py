@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_MODEL, run_train
+from train.config import load_train_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -318,6 +319,30 @@ def test_outputs_and_predictions_are_consistent(train_runs, synthetic_data):
         assert not (set(pred["top_item_ids"]) & (history - {pred["target_item_id"]}))
 
 
+def test_binary_loss_run_reports_its_loss_and_its_size(train_runs, synthetic_data):
+    """SASRec's binary loss (one negative per position) through the real trainer, and the parameter
+    counts every run records, against a count of a freshly built encoder and the table's shape."""
+    from train.models import build_encoder
+
+    binary = ["loss.function=binary", "loss.negatives=per_position", "loss.num_negatives=1", "run.epochs=3"]
+    run = train_runs(binary, nproc=1)
+    final = run.final
+    assert final["loss"] == {"function": "binary", "negatives": "per_position", "num_negatives": 1}
+    assert "loss=binary per_position(1)" in run.proc.stderr
+    losses = run.losses
+    steps = sorted(losses)
+    third = len(steps) // 3
+    assert all(math.isfinite(v) for v in losses.values())
+    first, last = (np.mean([losses[s] for s in part]) for part in (steps[:third], steps[-third:]))
+    assert last < first - 0.05, (first, last)  # it trains
+    cfg = load_train_config(None, [*TINY_MODEL, *binary])
+    dense = sum(p.numel() for p in build_encoder(cfg.model).parameters())
+    num_items = json.loads((synthetic_data / "manifest.json").read_text())["num_items"]
+    tables = (num_items + 1) * cfg.model.embedding_dim  # row 0 is padding
+    assert final["params"] == {"dense": dense, "tables": tables, "total": dense + tables}
+    assert f"{dense} dense + {tables} table params" in run.proc.stderr
+
+
 def test_mlflow_run_has_params_metrics_and_artifacts(synthetic_data, tmp_path):
     from mlflow import MlflowClient
 
@@ -343,6 +368,10 @@ def test_mlflow_run_has_params_metrics_and_artifacts(synthetic_data, tmp_path):
     # The values, step by step, are the ones in metrics.jsonl; the test metrics those of final_metrics.json.
     assert {m.step: m.value for m in history} == json_losses(out)
     final = json.loads((out / "final_metrics.json").read_text())
+    assert {k: run.data.params[f"params.{k}"] for k in ("dense", "tables", "total")} == {
+        k: str(v) for k, v in final["params"].items()
+    }
+    assert final["params"]["total"] == final["params"]["dense"] + final["params"]["tables"] > 0
     for key, value in final["test"].items():
         assert run.data.metrics[metric_key(f"test/{key}")] == pytest.approx(value, rel=1e-12), key
     names = {a.path for a in client.list_artifacts(run.info.run_id)}

@@ -112,8 +112,13 @@ class EmbeddingTableConfig:
 
 @dataclass
 class LossConfig:
-    """Sampled softmax over L2-normalised embeddings."""
+    """The retrieval loss over L2-normalised embeddings: a softmax, or SASRec's binary cross-entropy."""
 
+    # softmax: cross-entropy of the target against the negatives below (one softmax per position);
+    # binary: the SASRec paper's loss, -log sigmoid(s_target) - sum_k log(1 - sigmoid(s_negative_k)),
+    # on the same logits (cosine / temperature); needs sampled negatives (per_position or shared;
+    # the paper: per_position with num_negatives 1).
+    function: Literal["softmax", "binary"] = "softmax"
     # per_position: num_negatives fresh uniform negatives for every position (the HSTU reference);
     # shared: num_negatives uniform negatives shared by the whole global batch (much faster);
     # in_batch: the other positions' targets are the negatives;
@@ -128,12 +133,18 @@ class LossConfig:
         return self.negatives in ("per_position", "shared")
 
     def describe(self) -> str:
-        """``full``, ``in_batch``, ``per_position(128)`` or ``shared(2048)``: what a reported number used."""
-        if self.is_sampled():
-            return f"{self.negatives}({self.num_negatives})"
-        return self.negatives
+        """``full``, ``in_batch``, ``per_position(128)``, ``shared(2048)``, or with the binary loss
+        ``binary per_position(1)``: what a reported number used."""
+        negatives = f"{self.negatives}({self.num_negatives})" if self.is_sampled() else self.negatives
+        return negatives if self.function == "softmax" else f"{self.function} {negatives}"
 
     def validate(self) -> None:
+        if self.function == "binary" and not self.is_sampled():
+            raise ConfigError(
+                "loss.function",
+                f"binary needs sampled negatives, got loss.negatives={self.negatives}; set loss.negatives="
+                "per_position (SASRec: loss.num_negatives=1) or shared, or loss.function=softmax",
+            )
         if self.num_negatives < 1 and self.is_sampled():
             raise ConfigError("loss.num_negatives", f"got {self.num_negatives}, expected >= 1")
         if self.temperature <= 0:

@@ -141,6 +141,7 @@ class Trainer:
             cfg.tracking, rank=info.rank, run_dir=self.output_dir, default_uri=default_uri
         )
         self.evaluator = Evaluator(cfg, info, self.manifest)
+        self.params = self.param_counts()  # once: for the start log, MLflow and final_metrics.json
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -148,6 +149,17 @@ class Trainer:
         t = t.to(self.device)
         dist.all_reduce(t, op=op)
         return t.cpu()
+
+    def param_counts(self) -> dict[str, int]:
+        """``{"dense", "tables", "total"}``: the model's size, global (not per shard or rank).
+
+        dense: the DeepSpeed module's parameters (ZeRO-3 partitions them; ds_numel is the full size);
+        tables: rows x width of every TorchRec table, at the width the model sees (fbgemm's storage
+        padding to a multiple of 4 columns is not counted), optimizer state excluded.
+        """
+        dense = sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())
+        tables = sum(t.num_embeddings * t.embedding_dim for t in self.tables.values())
+        return {"dense": int(dense), "tables": int(tables), "total": int(dense + tables)}
 
     def describe(self) -> dict:
         """What is written to the run directory and MLflow at the start."""
@@ -158,10 +170,7 @@ class Trainer:
             "num_items": self.num_items,
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.info.world_size,
-            # ZeRO-3 partitions parameters; ds_numel is the full size.
-            "num_dense_params": sum(
-                getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters()
-            ),
+            "params": self.params,
         }
 
     # ------------------------------------------------------------------------------------- train
@@ -228,12 +237,12 @@ class Trainer:
             save_config(cfg, self.output_dir / "config.yaml")
         logger.info("sharding plan:\n%s", info["sharding_plan"])
         logger.info(
-            "%d items, %d dense params, %d steps/epoch, world size %d (backend %s, %s), %s",
-            self.num_items, info["num_dense_params"], self.steps_per_epoch, self.info.world_size,
-            self.info.backend, self.device, self.task.log_summary(),
+            "%d items, %d dense + %d table params, %d steps/epoch, world size %d (backend %s, %s), %s",
+            self.num_items, self.params["dense"], self.params["tables"], self.steps_per_epoch,
+            self.info.world_size, self.info.backend, self.device, self.task.log_summary(),
         )  # fmt: skip
         if self.step == 0:
-            self.tracker.log_params(flatten(to_dict(cfg)))
+            self.tracker.log_params({**flatten(to_dict(cfg)), **flatten({"params": self.params})})
         self.tracker.set_tags(default_tags(self.info.world_size))
         for name in ("config.yaml", "deepspeed_config.json", "sharding_plan.txt"):
             self.tracker.log_artifact(self.output_dir / name)
@@ -477,6 +486,7 @@ class Trainer:
             "steps": self.step,
             "epochs": self.epoch,
             "elapsed_s": self.elapsed(),
+            "params": self.params,
             **self.task.describe(),
             # train_valid: the valid rows were trained on, so "valid" is not held out.
             "train_split": self.cfg.data.train_split,

@@ -29,6 +29,7 @@ from train.models.losses import (
     full_softmax_loss,
     in_batch_softmax_loss,
     sample_negatives,
+    sampled_binary_loss,
     sampled_softmax_loss,
 )
 from train.models.sasrec import SASRec
@@ -48,6 +49,7 @@ __all__ = [
     "full_softmax_loss",
     "in_batch_softmax_loss",
     "sample_negatives",
+    "sampled_binary_loss",
     "sampled_softmax_loss",
     "time_buckets",
 ]

@@ -1,4 +1,4 @@
-"""Sampled softmax losses over L2-normalised embeddings, and uniform negative sampling.
+"""Sampled softmax and binary losses over L2-normalised embeddings, and uniform negative sampling.
 
 For a supervised position with query q (the encoder output, already L2-normalised), target item p and
 negatives n_1..n_K (item embeddings, L2-normalised here), with temperature tau:
@@ -17,6 +17,10 @@ Two ways to get negatives:
 
 - ``full_softmax_loss``: every item is a negative (the exact softmax): one ``[N, I]`` matmul and a
   cross-entropy, no sampling; affordable for catalogs up to ~100K items.
+
+- ``sampled_binary_loss``: the SASRec paper's objective on the same logits: each position's target
+  against each of its sampled negatives as independent binary decisions,
+  ``-log sigmoid(q.p / tau) - sum_k log(1 - sigmoid(q.n_k / tau))`` (accidental hits dropped).
 
 All return ``(sum of per-position losses, number of positions)`` so that the trainer can average
 over all positions of all ranks: ``all_reduce(sum) / all_reduce(count)``.
@@ -85,6 +89,18 @@ def sampled_softmax_loss(
     per-position losses and N (int64 scalar tensor).
     """
     _check_common(query, pos_emb, pos_ids, temperature)
+    _check_sampled(query, neg_emb, neg_ids)
+    num_pos = query.shape[0]
+    pos_logits_N1, neg_logits_NK, hits_NK = _sampled_logits(
+        query, pos_emb, pos_ids, neg_emb, neg_ids, temperature
+    )
+    neg_logits_NK = neg_logits_NK.masked_fill(hits_NK, float("-inf"))
+    logits_N1K = torch.cat([pos_logits_N1, neg_logits_NK], dim=1)
+    losses_N = -F.log_softmax(logits_N1K, dim=1)[:, 0]
+    return losses_N.sum(), torch.tensor(num_pos, dtype=torch.int64, device=query.device)
+
+
+def _check_sampled(query: Tensor, neg_emb: Tensor, neg_ids: Tensor) -> None:
     num_pos, dim = query.shape
     if neg_emb.dim() == 3:
         if neg_emb.shape[0] != num_pos or neg_emb.shape[2] != dim or neg_ids.shape != neg_emb.shape[:2]:
@@ -101,6 +117,13 @@ def sampled_softmax_loss(
     else:
         raise ValueError(f"neg_emb: expected [N, K, D] or [K, D], got shape {tuple(neg_emb.shape)}")
 
+
+def _sampled_logits(
+    query: Tensor, pos_emb: Tensor, pos_ids: Tensor, neg_emb: Tensor, neg_ids: Tensor, temperature: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(pos_logits [N, 1], neg_logits [N, K], hits [N, K])``: cosine / temperature of each position's
+    target and negatives (per-position ``[N, K, D]`` or shared ``[K, D]``), and which negatives have
+    the target's id. The same logits as evaluation's scores (up to the constant temperature)."""
     pos_norms_N1 = torch.linalg.vector_norm(pos_emb, dim=-1, keepdim=True).clamp_min(L2_NORM_EPS)
     pos_logits_N1 = (query * pos_emb).sum(-1, keepdim=True) / (pos_norms_N1 * temperature)
     if neg_emb.dim() == 3:
@@ -110,11 +133,36 @@ def sampled_softmax_loss(
         # Normalise and scale the K shared rows, not the [N, K] logits.
         scaled_neg_KD = F.normalize(neg_emb, dim=-1, eps=L2_NORM_EPS) / temperature
         neg_logits_NK = query @ scaled_neg_KD.T
-        hits_NK = neg_ids[None, :] == pos_ids[:, None]
-    neg_logits_NK = neg_logits_NK.masked_fill(hits_NK, float("-inf"))
-    logits_N1K = torch.cat([pos_logits_N1, neg_logits_NK], dim=1)
-    losses_N = -F.log_softmax(logits_N1K, dim=1)[:, 0]
-    return losses_N.sum(), torch.tensor(num_pos, dtype=torch.int64, device=query.device)
+        hits_NK = (neg_ids[None, :] == pos_ids[:, None]).expand_as(neg_logits_NK)
+    return pos_logits_N1, neg_logits_NK, hits_NK
+
+
+def sampled_binary_loss(
+    query: Tensor,
+    pos_emb: Tensor,
+    pos_ids: Tensor,
+    neg_emb: Tensor,
+    neg_ids: Tensor,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """SASRec's binary cross-entropy (Kang & McAuley 2018, Eq. 5) on the sampled-softmax logits.
+
+    Per position: ``-log sigmoid(s_pos) - sum_k log(1 - sigmoid(s_neg_k))`` with ``s = cosine /
+    temperature`` (the logits ``sampled_softmax_loss`` uses, so evaluation scores are unchanged).
+    Negatives are per-position ``neg_emb [N, K, D]`` or shared ``[K, D]`` with ``neg_ids`` alike. A
+    negative with the target's id (an accidental hit) is dropped from the sum, as in
+    ``sampled_softmax_loss``: the same item is never pushed both up and down. Returns the sum of the
+    N per-position losses and N, so the trainer's global mean is over target positions.
+    """
+    _check_common(query, pos_emb, pos_ids, temperature)
+    _check_sampled(query, neg_emb, neg_ids)
+    pos_logits_N1, neg_logits_NK, hits_NK = _sampled_logits(
+        query, pos_emb, pos_ids, neg_emb, neg_ids, temperature
+    )
+    # -log sigmoid(x) = softplus(-x), -log(1 - sigmoid(x)) = softplus(x): stable for large |x| (1/tau = 20).
+    neg_terms_NK = torch.where(hits_NK, 0.0, F.softplus(neg_logits_NK))
+    losses_N = F.softplus(-pos_logits_N1[:, 0]) + neg_terms_NK.sum(dim=1)
+    return losses_N.sum(), torch.tensor(query.shape[0], dtype=torch.int64, device=query.device)
 
 
 def in_batch_softmax_loss(

@@ -176,7 +176,7 @@ class Task(abc.ABC):
         return {}
 
     def log_summary(self) -> str:
-        """One short phrase for the start-of-run log line (e.g. ``negatives=shared(512)``)."""
+        """One short phrase for the start-of-run log line (e.g. ``loss=shared(512)``)."""
         return ""
 
     def warn_about_data(self) -> None:  # noqa: B027 (optional hook)

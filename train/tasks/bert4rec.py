@@ -6,8 +6,9 @@ I + 1 the mask token, ``mask_id``), sharded like the retrieval task's, and the b
 
 Training: each row keeps its last ``model.max_seq_len`` items; each item is replaced by the mask
 token with probability ``model.mask_prob`` (a row that draws no mask gets its last item masked, the
-position evaluation asks about). The loss is the ``loss:`` section's softmax (full, or sampled /
-in-batch negatives, over items 1..I only) at the masked positions only: one loss term per mask.
+position evaluation asks about). The loss is the ``loss:`` section's (the softmax: full, or sampled /
+in-batch negatives; or the binary loss against sampled negatives; negatives are items 1..I only) at
+the masked positions only: one loss term per mask.
 
 Which items are masked is a pure function of (run.seed, step, user id, row length, position from
 the row's end), hashed (``cloze_mask``), so a resumed run masks exactly what the uninterrupted run
@@ -28,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from train.batch import SequenceBatch, jagged_select_rows, split_inputs_targets
+from train.batch import ModelInputs, SequenceBatch, split_inputs_targets
 from train.embeddings import ShardedItemTable, build_table, gather_full_table
 from train.models.bert4rec import Bert4Rec
 from train.models.config import Bert4RecConfig
 from train.scoring import score_slice
 from train.tasks.base import EvalOutput, StepContext
-from train.tasks.retrieval import RetrievalTask, _EvalState
+from train.tasks.retrieval import RetrievalTask, _EvalState, items_to_exclude
 
 _U32 = 0xFFFFFFFF
 
@@ -167,9 +168,18 @@ class Bert4RecTask(RetrievalTask):
         max_len = int((offsets[1:] - offsets[:-1]).max()) if len(offsets) > 1 else 0
         query_TD = ctx.dense(seq_emb, offsets.to(ctx.device), max_len)
         query_MD = query_TD[masked_T.to(ctx.device)].float()  # the loss sees the masked positions only
-        return self._softmax_loss(query_MD, tgt_emb, targets.to(ctx.device), neg_emb, neg_ids)
+        return self._loss(query_MD, tgt_emb, targets.to(ctx.device), neg_emb, neg_ids)
 
     # ----------------------------------------------------------------------------- evaluation
+
+    def _mask_queries(self, inputs: ModelInputs, prepared: _EvalState) -> Tensor:
+        """``[B, D]``: the encoder's output at the mask appended to each kept row's history cut (the
+        target is not an input). ``inputs`` must have at least one row."""
+        enc_ids, enc_offsets = append_mask(inputs.input_ids, inputs.offsets, self.max_seq_len, self.mask_id)
+        enc_offsets_d = enc_offsets.to(self.device)
+        max_len = int((enc_offsets[1:] - enc_offsets[:-1]).max())
+        query_TD = prepared.encoder(prepared.raw_ID[enc_ids.to(self.device)], enc_offsets_d, max_len)
+        return query_TD[enc_offsets_d[1:] - 1]  # the appended mask of each row
 
     def eval_scores(self, batch: SequenceBatch, prepared: _EvalState):
         """``(inputs, scores_BI)``: each kept row's history cut and the mask position's scores of
@@ -177,12 +187,7 @@ class Bert4RecTask(RetrievalTask):
         inputs = split_inputs_targets(batch, self.max_seq_len, last_only=True)  # history = inputs
         if len(inputs.targets) == 0:
             return inputs, None
-        enc_ids, enc_offsets = append_mask(inputs.input_ids, inputs.offsets, self.max_seq_len, self.mask_id)
-        enc_offsets_d = enc_offsets.to(self.device)
-        max_len = int((enc_offsets[1:] - enc_offsets[:-1]).max())
-        query_TD = prepared.encoder(prepared.raw_ID[enc_ids.to(self.device)], enc_offsets_d, max_len)
-        query_BD = query_TD[enc_offsets_d[1:] - 1]  # the appended mask of each row
-        return inputs, query_BD @ prepared.unit_ID[: self.num_items + 1].T
+        return inputs, self._mask_queries(inputs, prepared) @ prepared.unit_ID[: self.num_items + 1].T
 
     def prepare_eval(self, dense: nn.Module) -> _EvalState:
         # The gathered table (rows 0..I + the mask row): the mask's query is scored against items only.
@@ -202,15 +207,8 @@ class Bert4RecTask(RetrievalTask):
         inputs = split_inputs_targets(batch, self.max_seq_len, last_only=True)  # history = inputs
         if len(inputs.targets) == 0:
             return EvalOutput.empty(inputs.keep_rows, top_k)
-        enc_ids, enc_offsets = append_mask(inputs.input_ids, inputs.offsets, self.max_seq_len, self.mask_id)
-        enc_offsets_d = enc_offsets.to(self.device)
-        max_len = int((enc_offsets[1:] - enc_offsets[:-1]).max())
-        query_TD = prepared.encoder(prepared.raw_ID[enc_ids.to(self.device)], enc_offsets_d, max_len)
-        query_BD = query_TD[enc_offsets_d[1:] - 1].float()  # the appended mask of each row
-        if exclude is None:  # eval.exclude=input_window
-            excl_values, excl_offsets = inputs.input_ids, inputs.offsets
-        else:
-            excl_values, excl_offsets = jagged_select_rows(*exclude, inputs.keep_rows)
+        query_BD = self._mask_queries(inputs, prepared).float()
+        excl_values, excl_offsets = items_to_exclude(inputs, exclude)
         ranks, top = score_slice(
             query_BD, prepared.unit_ID[: self.num_items + 1], 0, self.num_items, inputs.targets.to(self.device),
             excl_values.to(self.device), excl_offsets.to(self.device), top_k, group_reduce=False,
@@ -223,4 +221,4 @@ class Bert4RecTask(RetrievalTask):
         return {**super().describe(), "mask_prob": self.model_cfg.mask_prob}
 
     def log_summary(self) -> str:
-        return f"cloze mask_prob={self.model_cfg.mask_prob}, negatives={self.cfg.loss.describe()}"
+        return f"cloze mask_prob={self.model_cfg.mask_prob}, loss={self.cfg.loss.describe()}"

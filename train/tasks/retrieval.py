@@ -4,7 +4,8 @@
 Parts: one TorchRec item table (``item_table``, ``num_items + 1`` rows, row 0 padding) and a
 sequence encoder (``train/models``) in the DeepSpeed engine. A training row is used autoregressively:
 every item after the first is the target of the prefix before it. The loss is a softmax over
-L2-normalised embeddings against sampled, in-batch or all items (``loss:`` section). Evaluation
+L2-normalised embeddings against sampled, in-batch or all items, or SASRec's binary cross-entropy
+against sampled items (``loss:`` section). Evaluation
 scores the last position's query against every item, history excluded: each rank against its own
 part of the table (``eval.scoring=sharded``, ``train/scoring.py``) or against the gathered table.
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cluster.memory import FamilyMemory, RetrievalMemory
-from train.batch import SequenceBatch, jagged_select_rows, split_inputs_targets
+from train.batch import ModelInputs, SequenceBatch, jagged_select_rows, split_inputs_targets
 from train.embeddings import ShardedItemTable, local_item_rows, lookup
 from train.item_embeddings import build_item_embeddings
 from train.models import (
@@ -33,6 +34,7 @@ from train.models import (
     full_softmax_loss,
     in_batch_softmax_loss,
     sample_negatives,
+    sampled_binary_loss,
     sampled_softmax_loss,
 )
 from train.models.config import HSTUConfig
@@ -48,6 +50,17 @@ class _EvalState(NamedTuple):
     unit_ID: Tensor  # L2-normalised rows first_id.. of the table (scores): all of it, or this rank's
     first_id: int
     encoder: nn.Module
+
+
+def items_to_exclude(inputs: ModelInputs, exclude: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """Jagged ``(values, offsets)``: per kept row of ``inputs``, the items evaluation must not rank.
+
+    ``exclude`` None (``eval.exclude=input_window``): the row's model input, as the HSTU reference;
+    otherwise the evaluator's per-batch-row lists (``all_history``), cut to the kept rows.
+    """
+    if exclude is None:
+        return inputs.input_ids, inputs.offsets
+    return jagged_select_rows(*exclude, inputs.keep_rows)
 
 
 class RetrievalTask(Task):
@@ -136,13 +149,18 @@ class RetrievalTask(Task):
 
         max_len = int(in_lengths.max().item()) if len(in_lengths) else 0
         query = ctx.dense(seq_emb, offsets.to(ctx.device), max_len, *inputs.times_on(ctx.device))
-        return self._softmax_loss(query.float(), tgt_emb, targets.to(ctx.device), neg_emb, neg_ids)
+        return self._loss(query.float(), tgt_emb, targets.to(ctx.device), neg_emb, neg_ids)
 
-    def _softmax_loss(
+    def _loss(
         self, query_ND: Tensor, tgt_emb_ND: Tensor, targets_N: Tensor, neg_emb: Tensor, neg_ids: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """The ``loss:`` section's softmax of N queries against their targets and the negatives."""
+        """The ``loss:`` section's loss (softmax or binary) of N queries against their targets and the
+        negatives: ``(sum over the N positions, N)``."""
         loss_cfg = self.cfg.loss
+        if loss_cfg.function == "binary":  # sampled negatives only (LossConfig.validate)
+            return sampled_binary_loss(
+                query_ND, tgt_emb_ND, targets_N, neg_emb, neg_ids.to(query_ND.device), loss_cfg.temperature
+            )
         if loss_cfg.negatives == "in_batch":
             return in_batch_softmax_loss(query_ND, tgt_emb_ND, targets_N, loss_cfg.temperature)
         if loss_cfg.negatives == "full":  # neg_emb holds items 1..I in id order
@@ -178,10 +196,7 @@ class RetrievalTask(Task):
             batch = SequenceBatch(*(torch.zeros(n, dtype=torch.long) for n in (0, 0, 0, 1)), None)
         inputs = split_inputs_targets(batch, self.max_seq_len, last_only=True)
         input_ids, offsets, targets = inputs.input_ids, inputs.offsets, inputs.targets
-        if exclude is None:  # eval.exclude=input_window: the model's input, as the HSTU reference
-            excl_values, excl_offsets = input_ids, offsets
-        else:
-            excl_values, excl_offsets = jagged_select_rows(*exclude, inputs.keep_rows)
+        excl_values, excl_offsets = items_to_exclude(inputs, exclude)
         if sharded:  # a collective: every rank looks up, even with no rows
             input_emb = lookup(self.table, input_ids, self.device).float()
         else:
@@ -274,7 +289,13 @@ class RetrievalTask(Task):
 
     def describe(self) -> dict:
         loss = self.cfg.loss
-        return {"loss": {"negatives": loss.negatives, "num_negatives": loss.num_negatives}}
+        return {
+            "loss": {
+                "function": loss.function,
+                "negatives": loss.negatives,
+                "num_negatives": loss.num_negatives,
+            }
+        }
 
     def log_summary(self) -> str:
-        return f"negatives={self.cfg.loss.describe()}"
+        return f"loss={self.cfg.loss.describe()}"
