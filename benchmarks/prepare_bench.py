@@ -2,6 +2,7 @@
 
     python benchmarks/prepare_bench.py                                  # 1M and 10M events
     python benchmarks/prepare_bench.py --sizes 1000000 --tools prepare duckdb --num-cpus 2
+    python benchmarks/prepare_bench.py --sizes 100000000 --shape wide --num-cpus 2   # issue #22: 10^7 users/items
 
 For each size it generates a synthetic log (cached under ``<work-dir>/logs``), then runs every tool
 in its own subprocess on the same CSV and the same machine, one after the other: ``prepare`` (embedded
@@ -51,7 +52,7 @@ def _child(args: argparse.Namespace) -> int:
         from data_pipeline.config import PrepareConfig
         from data_pipeline.prepare import prepare
 
-        setup_logging("WARNING")
+        setup_logging("INFO")  # stage lines: the per-stage memory
         overrides = [
             "input.format=csv",
             f"input.paths=[{args.input}]",
@@ -82,54 +83,106 @@ def _child(args: argparse.Namespace) -> int:
 # --- parent: generate, run, measure, compare ------------------------------------------------------
 
 
-def _tree_memory(proc: psutil.Process, with_pss: bool) -> tuple[int, int]:
-    """(summed RSS, summed PSS or 0) over ``proc`` and all its descendants, in bytes."""
-    rss = pss = 0
+def _role(proc: psutil.Process, root_pid: int) -> str:
+    """Which part of a run a process is: the ``driver`` (the measured subprocess), a Ray
+    ``worker`` (``ray::...``) or a Ray ``daemon`` (GCS, raylet, log monitor, ...)."""
+    if proc.pid == root_pid:
+        return "driver"
+    try:
+        name = proc.name()
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return "daemon"
+    return "worker" if name.startswith("ray::") or (cmd and cmd[0].startswith("ray::")) else "daemon"
+
+
+def _tree_memory(proc: psutil.Process) -> dict[str, int]:
+    """Summed RSS and PSS over ``proc`` and all its descendants, PSS also per role (``_role``) and
+    the largest single process, in bytes."""
+    out = {"rss": 0, "pss": 0, "driver": 0, "worker": 0, "daemon": 0, "max_process": 0}
     try:
         procs = [proc, *proc.children(recursive=True)]
     except psutil.Error:
-        return 0, 0
+        return out
     for p in procs:
         try:
-            if with_pss:
-                info = p.memory_full_info()
-                rss += info.rss
-                pss += info.pss
-            else:
-                rss += p.memory_info().rss
+            info = p.memory_full_info()
         except psutil.Error:  # the process ended between listing and reading
             continue
-    return rss, pss
+        out["rss"] += info.rss
+        out["pss"] += info.pss
+        out[_role(p, proc.pid)] += info.pss
+        out["max_process"] = max(out["max_process"], info.pss)
+    return out
+
+
+def _stage_of(log_path: Path) -> list[tuple[float, str]]:
+    """(end time, stage) of each stage line the prepare job logged (``HH:MM:SS ... prepare: <stage>:``)."""
+    import re
+
+    ends = []
+    pattern = re.compile(r"^(\d\d):(\d\d):(\d\d) INFO data_pipeline\.prepare: ([a-z -]+?)(?: round \d+)?[:(]")
+    for line in log_path.read_text(errors="replace").splitlines():
+        m = pattern.match(line)
+        if m:
+            h, mi, se, stage = int(m[1]), int(m[2]), int(m[3]), m[4].strip()
+            ends.append((h * 3600 + mi * 60 + se, stage))
+    return ends
 
 
 def run_measured(cmd: list[str], sample_interval: float, log_path: Path) -> dict:
-    """Run ``cmd``, sampling its process tree's memory; return wall seconds and peaks (MiB)."""
+    """Run ``cmd``, sampling its process tree's memory; return wall seconds and peaks (MiB), also
+    per role (driver / Ray workers / Ray daemons) and, for ``prepare``, per stage."""
     began = time.perf_counter()
+    samples = []  # (seconds since midnight, local time, memory dict)
     with open(log_path, "wb") as log:
         popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         proc = psutil.Process(popen.pid)
-        peak_rss = peak_pss = 0
         while popen.poll() is None:
-            rss, pss = _tree_memory(proc, with_pss=True)
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            now = time.localtime()
+            samples.append((now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec, _tree_memory(proc)))
             time.sleep(sample_interval)
     wall = time.perf_counter() - began
     if popen.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(cmd)} failed with code {popen.returncode}; log {log_path}:\n{tail}")
-    return {"wall_seconds": wall, "peak_pss_mib": peak_pss / 2**20, "peak_rss_mib": peak_rss / 2**20}
+    mib = 2**20
+    peak = {
+        k: max((m[k] for _, m in samples), default=0) / mib
+        for k in ("rss", "pss", "driver", "worker", "daemon", "max_process")
+    }
+    # A sample belongs to the first stage whose end line is at or after it ("start" before Ray runs).
+    stage_ends = _stage_of(log_path)
+    by_stage: dict[str, float] = {}
+    for t, m in samples:
+        stage = next((name for end, name in stage_ends if end >= t), "end")
+        by_stage[stage] = max(by_stage.get(stage, 0.0), m["pss"] / mib)
+    return {
+        "wall_seconds": wall,
+        "peak_pss_mib": peak["pss"],
+        "peak_rss_mib": peak["rss"],
+        "peak_pss_by_role_mib": {k: peak[k] for k in ("driver", "worker", "daemon", "max_process")},
+        "peak_pss_by_stage_mib": by_stage,
+    }
 
 
-def ensure_log(size: int, logs_dir: Path) -> Path:
+# Synthetic log shapes: (events per user, events per item). ``wide`` is the shape of issue #22's
+# large-scale target: 10^8 events over 10^7 users and a 10^7-item Zipf catalogue.
+SHAPES = {"default": (60, 100), "wide": (10, 10)}
+
+
+def ensure_log(size: int, logs_dir: Path, shape: str = "default") -> Path:
     """Generate (once) a synthetic log of about ``size`` events; return the CSV path."""
     from cluster.config import to_dict
     from data_pipeline.synthetic import GenerateConfig, generate
 
-    num_items = max(1000, size // 100)
+    per_user, per_item = SHAPES[shape]
+    num_items = max(1000, size // per_item)
+    suffix = "" if shape == "default" else f"-{shape}"
     cfg = GenerateConfig(
-        output_dir=str(logs_dir / f"synthetic-{size}"),
-        num_users=max(100, round(size / 60)),
-        mean_seq_len=60.0,
+        output_dir=str(logs_dir / f"synthetic-{size}{suffix}"),
+        num_users=max(100, round(size / per_user)),
+        mean_seq_len=float(per_user),
         num_items=num_items,
         num_topics=max(50, num_items // 100),
         with_item_text=False,
@@ -176,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="default",
+        help="synthetic log: default = 60 events per user, 100 per item; wide = 10 and 10 (issue #22)",
+    )
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--max-seq-len", type=int, default=50)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / "results")
@@ -194,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "runs").mkdir(parents=True, exist_ok=True)
     records = []
     for size in args.sizes:
-        csv = ensure_log(size, work / "logs")
+        csv = ensure_log(size, work / "logs", args.shape)
         num_events = _count_rows(csv)
         outputs = {}
         runs: dict[str, list[dict]] = {tool: [] for tool in args.tools}
@@ -229,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                     "events_per_s": num_events / best["wall_seconds"],
                     "peak_pss_mib": max(m["peak_pss_mib"] for m in measured),
                     "peak_rss_mib": max(m["peak_rss_mib"] for m in measured),
+                    "peak_pss_by_role_mib": best["peak_pss_by_role_mib"],
+                    "peak_pss_by_stage_mib": best["peak_pss_by_stage_mib"],
                     "load_average_1m": best["load_average_1m"],
                     "runs": measured,
                 }
@@ -261,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak_rss_mib']:>12,.0f} {ratio:>12} {job_ratio:>11} {r['load_average_1m']:>5.1f} "
             f"{r.get('outputs_match_reference', '-'):>6}"
         )
+    print("\npeak PSS (MiB) of the fastest run, by role and by stage of the prepare job:")
+    for r in records:
+        roles = " ".join(f"{k}={v:,.0f}" for k, v in r["peak_pss_by_role_mib"].items())
+        stages = " ".join(f"{k}={v:,.0f}" for k, v in r["peak_pss_by_stage_mib"].items())
+        print(f"{r['size']:>11,} {r['tool']:>8}  {roles}\n{'':>21}{stages}")
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {

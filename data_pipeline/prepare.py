@@ -27,6 +27,7 @@ multi-node cluster output.dir must be on a shared file system. ``manifest.json``
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import glob
 import logging
@@ -53,12 +54,15 @@ from data_pipeline.readers import ReadTask, SourceFile, plan_read_tasks, read_re
 from data_pipeline.transform import (
     OLDER_SPLIT,
     SPLITS,
+    HashedVocab,
     bucket_of,
     build_split_rows,
     cold_items,
     core_filter,
     dedup,
+    dense_ids_of,
     drop_cold_interactions,
+    hashed_vocab,
     interaction_schema,
     output_schema,
     record_filters,
@@ -304,8 +308,8 @@ def _rows_task(
     cfg: PrepareConfig,
     work: str,
     schema: pa.Schema,
-    users_raw: Any,
-    items_raw: Any,
+    users_vocab: Any,
+    items_vocab: Any,
     has_timestamps: bool,
     out_schema: pa.Schema,
     round_: int,
@@ -316,9 +320,8 @@ def _rows_task(
     table = read_arrow(_clean_path(work, round_, bucket)).cast(schema)
     starts, _ = user_runs(table["user"])
     run_users = table["user"].combine_chunks().take(pa.array(starts))
-    user_dense = np.asarray(pc.index_in(run_users, value_set=ray.get(users_raw)), dtype=np.int64) + 1
-    item_dense = np.asarray(pc.index_in(table["item"], value_set=ray.get(items_raw)), dtype=np.int64) + 1
-    assert (user_dense > 0).all() and (item_dense > 0).all(), "every kept id is in the vocabulary"
+    user_dense = dense_ids_of(run_users, ray.get(users_vocab))
+    item_dense = dense_ids_of(table["item"], ray.get(items_vocab))
     stats: dict[str, int] = {}
     if cfg.split.cold_items_fraction > 0:
         cold = cold_items(table["item"], cfg.split.cold_items_fraction, cfg.split.cold_items_seed)
@@ -387,12 +390,12 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             ray.shutdown()
 
 
-def _num_buckets(cfg: RayConfig, sources: list[SourceFile]) -> int:
+def _num_buckets(cfg: RayConfig, sources: list[SourceFile], num_cpus: int) -> int:
     if cfg.num_buckets is not None:
         return cfg.num_buckets
     # Compressed text and Parquet expand in memory; a rough factor keeps buckets near bucket_bytes.
     size = sum(s.size * (4 if s.compressed or s.kind == "parquet" else 1) for s in sources)
-    return max(1, min(65536, math.ceil(size / cfg.bucket_bytes)))
+    return max(1, min(65536, max(num_cpus, math.ceil(size / cfg.bucket_bytes))))
 
 
 def _check_output_outside_inputs(sources: list[SourceFile], extra: list[str], out: Path) -> None:
@@ -496,6 +499,18 @@ def _vocab(counts: pa.Table) -> pa.Table:
     )
 
 
+def _lookup_vocab(vocab: pa.Table) -> HashedVocab | pa.Array:
+    """What the rows tasks look dense ids up in: sorted hashes (O(ids of the task) per task), or
+    on a 64-bit hash collision the raw ids (each task then builds a hash table of all of them)."""
+    hashed = hashed_vocab(vocab["raw_id"])
+    if hashed is None:
+        logger.warning(
+            "two raw ids of %s share a 64-bit hash: dense ids are looked up by value", vocab.num_rows
+        )
+        return vocab["raw_id"].combine_chunks()
+    return hashed
+
+
 def _package_version() -> str:
     try:
         from importlib.metadata import version
@@ -517,12 +532,16 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     claim_output_dir(out, cfg.output.overwrite)
     save_config(cfg, out / "config.yaml")
     out = out.resolve()  # tasks may run in another working directory
-    fingerprint, input_files = fingerprint_inputs([s.path for s in sources] + meta_path)
-    try:
-        with ray_session(cfg.ray):
-            manifest = _run_stages(cfg, sources, out, metadata)
-    finally:
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    # Hashing the inputs (seconds per GB) overlaps the stages: the driver thread mostly waits on Ray,
+    # and hashlib releases the GIL.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fingerprinted = pool.submit(fingerprint_inputs, [s.path for s in sources] + meta_path)
+        try:
+            with ray_session(cfg.ray):
+                manifest = _run_stages(cfg, sources, out, metadata)
+        finally:
+            shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+        fingerprint, input_files = fingerprinted.result()
     manifest.update(
         {
             "config": to_dict(cfg),
@@ -558,8 +577,14 @@ def _run_stages(
 
     # 1. read ------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    tasks = plan_read_tasks(sources, cfg.ray.read_chunk_bytes)
-    num_buckets = _num_buckets(cfg.ray, sources)
+    # Small inputs still get a read task and a bucket per CPU, so every core has work; the output does
+    # not depend on either count.
+    num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    total_bytes = sum(s.size for s in sources)
+    tasks = plan_read_tasks(
+        sources, max(1 << 20, min(cfg.ray.read_chunk_bytes, math.ceil(total_bytes / num_cpus)))
+    )
+    num_buckets = _num_buckets(cfg.ray, sources, num_cpus)
     logger.info(
         "read: %d files (%s bytes) in %d tasks, %d user buckets",
         len(sources),
@@ -700,8 +725,8 @@ def _run_stages(
             cfg=cfg,
             work=str(work),
             schema=schema,
-            users_raw=ray.put(users_vocab["raw_id"]),
-            items_raw=ray.put(items_vocab["raw_id"]),
+            users_vocab=ray.put(_lookup_vocab(users_vocab)),
+            items_vocab=ray.put(_lookup_vocab(items_vocab)),
             has_timestamps=has_timestamps,
             out_schema=out_schema,
             round_=rounds,
