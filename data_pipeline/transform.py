@@ -539,6 +539,21 @@ def _gather_lists(values: pa.Array, starts: np.ndarray, ends: np.ndarray) -> pa.
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values.take(pa.array(index)))
 
 
+def take_rows(table: pa.Table, order: np.ndarray) -> pa.Table:
+    """``table.take(order)`` with each list column gathered through its offsets in NumPy: Arrow's
+    take of list arrays is several times slower, and the write stage reorders every output row."""
+    index = pa.array(order, pa.int64())
+    columns = []
+    for column in table.columns:
+        values = _as_array(column)
+        if pa.types.is_list(values.type) and values.null_count == 0:
+            offsets = np.asarray(values.offsets, dtype=np.int64)
+            columns.append(_gather_lists(values.values, offsets[:-1][order], offsets[1:][order]))
+        else:
+            columns.append(values.take(index))
+    return pa.Table.from_arrays(columns, schema=table.schema)
+
+
 def build_split_rows(
     table: pa.Table,
     user_dense: np.ndarray,
