@@ -36,7 +36,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TOOLS = ("prepare", "duckdb")
+# ``baseline``: ``prepare`` from another checkout (--baseline-root), e.g. main before a change.
+TOOLS = ("prepare", "duckdb", "baseline")
 REFERENCE = "duckdb"
 SPLITS = ("train", "valid", "test")
 
@@ -74,7 +75,13 @@ def _child(args: argparse.Namespace) -> int:
         # benchmarks/ is sys.path[0] when this file runs as a script.
         from prepare_reference import run_reference
 
-        stats = run_reference(args.input, args.out, args.max_seq_len, threads=args.num_cpus)
+        stats = run_reference(
+            args.input,
+            args.out,
+            args.max_seq_len,
+            threads=args.num_cpus,
+            memory_limit=args.duckdb_memory_limit,
+        )
         result = {"job_seconds": stats.pop("seconds"), **stats}
     Path(args.result).write_text(json.dumps(result))
     return 0
@@ -130,13 +137,15 @@ def _stage_of(log_path: Path) -> list[tuple[float, str]]:
     return ends
 
 
-def run_measured(cmd: list[str], sample_interval: float, log_path: Path) -> dict:
+def run_measured(cmd: list[str], sample_interval: float, log_path: Path, cwd: Path = ROOT) -> dict:
     """Run ``cmd``, sampling its process tree's memory; return wall seconds and peaks (MiB), also
     per role (driver / Ray workers / Ray daemons) and, for ``prepare``, per stage."""
     began = time.perf_counter()
     samples = []  # (seconds since midnight, local time, memory dict)
     with open(log_path, "wb") as log:
-        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # The checkout is the working directory and PYTHONPATH, so Ray workers import its code too.
+        env = {**os.environ, "PYTHONPATH": str(cwd)}
+        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         proc = psutil.Process(popen.pid)
         while popen.poll() is None:
             now = time.localtime()
@@ -193,7 +202,10 @@ def ensure_log(size: int, logs_dir: Path, shape: str = "default") -> Path:
     if csv.is_file() and saved.is_file():
         import yaml
 
-        if yaml.safe_load(saved.read_text()) == to_dict(cfg):
+        # The same log whatever directory it was generated into (work dirs may share logs/).
+        saved_cfg, want = yaml.safe_load(saved.read_text()), to_dict(cfg)
+        saved_cfg.pop("output_dir", None), want.pop("output_dir", None)
+        if saved_cfg == want:
             return csv
     print(f"generating {csv} ...", flush=True)
     return generate(cfg)
@@ -228,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments; run as the benchmark driver or (``--child``) as one measured run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=["prepare", "duckdb"])
+    parser.add_argument(
+        "--baseline-root",
+        type=Path,
+        default=None,
+        help="a checkout whose prepare runs as tool 'baseline' (interleaved with the others, same load)",
+    )
     parser.add_argument(
         "--shape",
         choices=sorted(SHAPES),
@@ -241,6 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-interval", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool; the fastest is reported")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the prepared directories")
+    parser.add_argument(
+        "--duckdb-memory-limit",
+        default=None,
+        help="DuckDB's memory_limit (e.g. 8GB; it spills beyond); default: DuckDB's own (80%% of RAM)",
+    )
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -263,13 +286,24 @@ def main(argv: list[str] | None = None) -> int:
                 out = work / "runs" / f"{tool}-{size}"
                 shutil.rmtree(out, ignore_errors=True)
                 result_path = work / "runs" / f"{tool}-{size}.result.json"
+                script, child = __file__, tool
+                if tool == "baseline":
+                    if args.baseline_root is None:
+                        parser.error("--tools baseline needs --baseline-root")
+                    script, child = (
+                        str(args.baseline_root.resolve() / "benchmarks" / "prepare_bench.py"),
+                        "prepare",
+                    )
                 cmd = [
-                    sys.executable, __file__, "--child", tool, "--input", str(csv), "--out", str(out),
+                    sys.executable, script, "--child", child, "--input", str(csv), "--out", str(out),
                     "--result", str(result_path), "--max-seq-len", str(args.max_seq_len),
                     "--num-cpus", str(args.num_cpus),
                 ]  # fmt: skip
+                if tool == "duckdb" and args.duckdb_memory_limit:
+                    cmd += ["--duckdb-memory-limit", args.duckdb_memory_limit]
                 print(f"[{size:,} events] {tool}, run {repeat + 1}/{args.repeats} ...", flush=True)
-                measured = run_measured(cmd, args.sample_interval, work / "runs" / f"{tool}-{size}.log")
+                root = args.baseline_root.resolve() if tool == "baseline" else ROOT
+                measured = run_measured(cmd, args.sample_interval, work / "runs" / f"{tool}-{size}.log", root)
                 measured["job_seconds"] = json.loads(result_path.read_text())["job_seconds"]
                 measured["load_average_1m"] = os.getloadavg()[0]
                 runs[tool].append(measured)
@@ -294,11 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                     "runs": measured,
                 }
             )
-        if "prepare" in outputs and REFERENCE in outputs:
-            match = compare_outputs(outputs["prepare"], outputs[REFERENCE])
-            for r in records:
-                if r["size"] == size:
-                    r["outputs_match_reference"] = match
+        for r in records:
+            if r["size"] == size and r["tool"] != REFERENCE and r["tool"] in outputs and REFERENCE in outputs:
+                r["outputs_match_reference"] = compare_outputs(outputs[r["tool"]], outputs[REFERENCE])
         if not args.keep_outputs:
             for out in outputs.values():
                 shutil.rmtree(out, ignore_errors=True)

@@ -16,11 +16,14 @@ Stages, each a Ray Data job whose tasks do vectorized Arrow/NumPy work:
 3. k-core   while some item has fewer than item_core interactions: drop those items everywhere,
             then the users that fall below their threshold (one Ray Data job per round).
 4. vocab    (driver) dense ids by descending count, ties by raw id; vocab/*.parquet.
-5. rows     one task per bucket: dense ids, per-user split rows truncated to max_seq_len + 1.
+5. rows     one task per bucket: dense ids (binary search over the vocabulary's sorted hashes),
+            per-user split rows truncated to max_seq_len + 1.
 6. write    one task per output file: the users of a dense-id range, sorted, zstd Parquet.
 
 Memory of a task is bounded by one read chunk or one bucket (``ray.bucket_bytes`` of input), not by
-the input size. Intermediate files live in ``<output.dir>/_work`` (removed at the end), so on a
+the input size; what grows is the vocabularies, as Arrow/NumPy arrays in the driver and (sorted
+hashes) in Ray's object store, never as a per-task hash table (docs/data_pipeline.md, "Memory").
+Intermediate files live in ``<output.dir>/_work`` (removed at the end), so on a
 multi-node cluster output.dir must be on a shared file system. ``manifest.json`` is written last.
 """
 
