@@ -390,7 +390,14 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         if cfg.address:
             ray.init(address=cfg.address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+            # Ray runs its workers at nice 15 by default, behind every other process of the machine;
+            # the job's tasks are the work here, so they run at the driver's priority.
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                _system_config={"worker_niceness": 0},
+            )
         started = True
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
