@@ -407,12 +407,12 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             ray.shutdown()
 
 
-def _num_buckets(cfg: RayConfig, sources: list[SourceFile], num_cpus: int) -> int:
+def _num_buckets(cfg: RayConfig, sources: list[SourceFile]) -> int:
     if cfg.num_buckets is not None:
         return cfg.num_buckets
     # Compressed text and Parquet expand in memory; a rough factor keeps buckets near bucket_bytes.
     size = sum(s.size * (4 if s.compressed or s.kind == "parquet" else 1) for s in sources)
-    return max(1, min(65536, max(num_cpus, math.ceil(size / cfg.bucket_bytes))))
+    return max(1, min(65536, math.ceil(size / cfg.bucket_bytes)))
 
 
 def _check_output_outside_inputs(sources: list[SourceFile], extra: list[str], out: Path) -> None:
@@ -594,14 +594,8 @@ def _run_stages(
 
     # 1. read ------------------------------------------------------------------------------------
     t0 = time.perf_counter()
-    # Small inputs still get a read task and a bucket per CPU, so every core has work; the output does
-    # not depend on either count.
-    num_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    total_bytes = sum(s.size for s in sources)
-    tasks = plan_read_tasks(
-        sources, max(1 << 20, min(cfg.ray.read_chunk_bytes, math.ceil(total_bytes / num_cpus)))
-    )
-    num_buckets = _num_buckets(cfg.ray, sources, num_cpus)
+    tasks = plan_read_tasks(sources, cfg.ray.read_chunk_bytes)
+    num_buckets = _num_buckets(cfg.ray, sources)
     logger.info(
         "read: %d files (%s bytes) in %d tasks, %d user buckets",
         len(sources),
