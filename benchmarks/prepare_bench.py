@@ -2,6 +2,7 @@
 
     python benchmarks/prepare_bench.py                                  # 1M and 10M events
     python benchmarks/prepare_bench.py --sizes 1000000 --tools prepare duckdb --num-cpus 2
+    python benchmarks/prepare_bench.py --sizes 100000000 --shape wide --num-cpus 2   # issue #22: 10^7 users/items
 
 For each size it generates a synthetic log (cached under ``<work-dir>/logs``), then runs every tool
 in its own subprocess on the same CSV and the same machine, one after the other: ``prepare`` (embedded
@@ -35,7 +36,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TOOLS = ("prepare", "duckdb")
+# ``baseline``: ``prepare`` from another checkout (--baseline-root), e.g. main before a change.
+TOOLS = ("prepare", "duckdb", "baseline")
 REFERENCE = "duckdb"
 SPLITS = ("train", "valid", "test")
 
@@ -51,7 +53,7 @@ def _child(args: argparse.Namespace) -> int:
         from data_pipeline.config import PrepareConfig
         from data_pipeline.prepare import prepare
 
-        setup_logging("WARNING")
+        setup_logging("INFO")  # stage lines: the per-stage memory
         overrides = [
             "input.format=csv",
             f"input.paths=[{args.input}]",
@@ -73,7 +75,13 @@ def _child(args: argparse.Namespace) -> int:
         # benchmarks/ is sys.path[0] when this file runs as a script.
         from prepare_reference import run_reference
 
-        stats = run_reference(args.input, args.out, args.max_seq_len, threads=args.num_cpus)
+        stats = run_reference(
+            args.input,
+            args.out,
+            args.max_seq_len,
+            threads=args.num_cpus,
+            memory_limit=args.duckdb_memory_limit,
+        )
         result = {"job_seconds": stats.pop("seconds"), **stats}
     Path(args.result).write_text(json.dumps(result))
     return 0
@@ -82,54 +90,108 @@ def _child(args: argparse.Namespace) -> int:
 # --- parent: generate, run, measure, compare ------------------------------------------------------
 
 
-def _tree_memory(proc: psutil.Process, with_pss: bool) -> tuple[int, int]:
-    """(summed RSS, summed PSS or 0) over ``proc`` and all its descendants, in bytes."""
-    rss = pss = 0
+def _role(proc: psutil.Process, root_pid: int) -> str:
+    """Which part of a run a process is: the ``driver`` (the measured subprocess), a Ray
+    ``worker`` (``ray::...``) or a Ray ``daemon`` (GCS, raylet, log monitor, ...)."""
+    if proc.pid == root_pid:
+        return "driver"
+    try:
+        name = proc.name()
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return "daemon"
+    return "worker" if name.startswith("ray::") or (cmd and cmd[0].startswith("ray::")) else "daemon"
+
+
+def _tree_memory(proc: psutil.Process) -> dict[str, int]:
+    """Summed RSS and PSS over ``proc`` and all its descendants, PSS also per role (``_role``) and
+    the largest single process, in bytes."""
+    out = {"rss": 0, "pss": 0, "driver": 0, "worker": 0, "daemon": 0, "max_process": 0}
     try:
         procs = [proc, *proc.children(recursive=True)]
     except psutil.Error:
-        return 0, 0
+        return out
     for p in procs:
         try:
-            if with_pss:
-                info = p.memory_full_info()
-                rss += info.rss
-                pss += info.pss
-            else:
-                rss += p.memory_info().rss
+            info = p.memory_full_info()
         except psutil.Error:  # the process ended between listing and reading
             continue
-    return rss, pss
+        out["rss"] += info.rss
+        out["pss"] += info.pss
+        out[_role(p, proc.pid)] += info.pss
+        out["max_process"] = max(out["max_process"], info.pss)
+    return out
 
 
-def run_measured(cmd: list[str], sample_interval: float, log_path: Path) -> dict:
-    """Run ``cmd``, sampling its process tree's memory; return wall seconds and peaks (MiB)."""
+def _stage_of(log_path: Path) -> list[tuple[float, str]]:
+    """(end time, stage) of each stage line the prepare job logged (``HH:MM:SS ... prepare: <stage>:``)."""
+    import re
+
+    ends = []
+    pattern = re.compile(r"^(\d\d):(\d\d):(\d\d) INFO data_pipeline\.prepare: ([a-z -]+?)(?: round \d+)?[:(]")
+    for line in log_path.read_text(errors="replace").splitlines():
+        m = pattern.match(line)
+        if m:
+            h, mi, se, stage = int(m[1]), int(m[2]), int(m[3]), m[4].strip()
+            ends.append((h * 3600 + mi * 60 + se, stage))
+    return ends
+
+
+def run_measured(cmd: list[str], sample_interval: float, log_path: Path, cwd: Path = ROOT) -> dict:
+    """Run ``cmd``, sampling its process tree's memory; return wall seconds and peaks (MiB), also
+    per role (driver / Ray workers / Ray daemons) and, for ``prepare``, per stage."""
     began = time.perf_counter()
+    samples = []  # (seconds since midnight, local time, memory dict)
     with open(log_path, "wb") as log:
-        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        # The checkout is the working directory and PYTHONPATH, so Ray workers import its code too.
+        env = {**os.environ, "PYTHONPATH": str(cwd)}
+        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         proc = psutil.Process(popen.pid)
-        peak_rss = peak_pss = 0
         while popen.poll() is None:
-            rss, pss = _tree_memory(proc, with_pss=True)
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            now = time.localtime()
+            samples.append((now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec, _tree_memory(proc)))
             time.sleep(sample_interval)
     wall = time.perf_counter() - began
     if popen.returncode != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{' '.join(cmd)} failed with code {popen.returncode}; log {log_path}:\n{tail}")
-    return {"wall_seconds": wall, "peak_pss_mib": peak_pss / 2**20, "peak_rss_mib": peak_rss / 2**20}
+    mib = 2**20
+    peak = {
+        k: max((m[k] for _, m in samples), default=0) / mib
+        for k in ("rss", "pss", "driver", "worker", "daemon", "max_process")
+    }
+    # A sample belongs to the first stage whose end line is at or after it ("start" before Ray runs).
+    stage_ends = _stage_of(log_path)
+    by_stage: dict[str, float] = {}
+    for t, m in samples:
+        stage = next((name for end, name in stage_ends if end >= t), "end")
+        by_stage[stage] = max(by_stage.get(stage, 0.0), m["pss"] / mib)
+    return {
+        "wall_seconds": wall,
+        "peak_pss_mib": peak["pss"],
+        "peak_rss_mib": peak["rss"],
+        "peak_pss_by_role_mib": {k: peak[k] for k in ("driver", "worker", "daemon", "max_process")},
+        "peak_pss_by_stage_mib": by_stage,
+    }
 
 
-def ensure_log(size: int, logs_dir: Path) -> Path:
+# Synthetic log shapes: (events per user, events per item). ``wide`` is the shape of issue #22's
+# large-scale target: 10^8 events over 10^7 users and a 10^7-item Zipf catalogue.
+SHAPES = {"default": (60, 100), "wide": (10, 10)}
+
+
+def ensure_log(size: int, logs_dir: Path, shape: str = "default") -> Path:
     """Generate (once) a synthetic log of about ``size`` events; return the CSV path."""
     from cluster.config import to_dict
     from data_pipeline.synthetic import GenerateConfig, generate
 
-    num_items = max(1000, size // 100)
+    per_user, per_item = SHAPES[shape]
+    num_items = max(1000, size // per_item)
+    suffix = "" if shape == "default" else f"-{shape}"
     cfg = GenerateConfig(
-        output_dir=str(logs_dir / f"synthetic-{size}"),
-        num_users=max(100, round(size / 60)),
-        mean_seq_len=60.0,
+        output_dir=str(logs_dir / f"synthetic-{size}{suffix}"),
+        num_users=max(100, round(size / per_user)),
+        mean_seq_len=float(per_user),
         num_items=num_items,
         num_topics=max(50, num_items // 100),
         with_item_text=False,
@@ -140,7 +202,10 @@ def ensure_log(size: int, logs_dir: Path) -> Path:
     if csv.is_file() and saved.is_file():
         import yaml
 
-        if yaml.safe_load(saved.read_text()) == to_dict(cfg):
+        # The same log whatever directory it was generated into (work dirs may share logs/).
+        saved_cfg, want = yaml.safe_load(saved.read_text()), to_dict(cfg)
+        saved_cfg.pop("output_dir", None), want.pop("output_dir", None)
+        if saved_cfg == want:
             return csv
     print(f"generating {csv} ...", flush=True)
     return generate(cfg)
@@ -149,6 +214,40 @@ def ensure_log(size: int, logs_dir: Path) -> Path:
 def _count_rows(csv: Path) -> int:
     with open(csv, "rb") as f:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 24), b"")) - 1
+
+
+def _split_sums(root: Path, split: str) -> tuple[int, ...]:
+    """Rows, interactions and the sums of item ids, timestamps and user ids of a split, streamed."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    totals = [0, 0, 0, 0, 0]
+    columns = ["user_id", "item_ids", "timestamps"]
+    for batch in ds.dataset(root / split, format="parquet").to_batches(columns=columns):
+        items, stamps = batch.column("item_ids"), batch.column("timestamps")
+        totals[0] += batch.num_rows
+        totals[1] += len(items.flatten())
+        totals[2] += pc.sum(items.flatten()).as_py() or 0
+        totals[3] += pc.sum(stamps.flatten()).as_py() or 0
+        totals[4] += pc.sum(batch.column("user_id")).as_py() or 0
+    return tuple(totals)
+
+
+def compare_sums(prepared: Path, reference: Path) -> str:
+    """For outputs too big to hold twice in memory: the item vocabulary in full, and per split the
+    row and interaction counts and the sums of ids and timestamps ('sums' when all agree)."""
+    import pyarrow.parquet as pq
+
+    columns = ["raw_id", "dense_id", "count"]
+    got = pq.read_table(prepared / "vocab" / "items.parquet", columns=columns).sort_by("dense_id")
+    want = pq.read_table(reference / "vocab" / "items.parquet", columns=columns).sort_by("dense_id")
+    for name in columns:
+        if not got.column(name).combine_chunks().equals(want.column(name).combine_chunks()):
+            return f"no: vocab.{name} differs"
+    for split in SPLITS:
+        if _split_sums(prepared, split) != _split_sums(reference, split):
+            return f"no: {split} sums differ"
+    return "sums"
 
 
 def compare_outputs(prepared: Path, reference: Path) -> str:
@@ -175,13 +274,36 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments; run as the benchmark driver or (``--child``) as one measured run."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
-    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=["prepare", "duckdb"])
+    parser.add_argument(
+        "--baseline-root",
+        type=Path,
+        default=None,
+        help="a checkout whose prepare runs as tool 'baseline' (interleaved with the others, same load)",
+    )
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="default",
+        help="synthetic log: default = 60 events per user, 100 per item; wide = 10 and 10 (issue #22)",
+    )
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--max-seq-len", type=int, default=50)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--sample-interval", type=float, default=0.25)
     parser.add_argument("--repeats", type=int, default=1, help="runs per tool; the fastest is reported")
     parser.add_argument("--keep-outputs", action="store_true", help="keep the prepared directories")
+    parser.add_argument(
+        "--duckdb-memory-limit",
+        default=None,
+        help="DuckDB's memory_limit (e.g. 8GB; it spills beyond); default: DuckDB's own (80%% of RAM)",
+    )
+    parser.add_argument(
+        "--full-compare-max-events",
+        type=int,
+        default=30_000_000,
+        help="above this, outputs are compared by counts and sums per split (match 'sums'), not row by row",
+    )
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -194,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     (work / "runs").mkdir(parents=True, exist_ok=True)
     records = []
     for size in args.sizes:
-        csv = ensure_log(size, work / "logs")
+        csv = ensure_log(size, work / "logs", args.shape)
         num_events = _count_rows(csv)
         outputs = {}
         runs: dict[str, list[dict]] = {tool: [] for tool in args.tools}
@@ -204,13 +326,24 @@ def main(argv: list[str] | None = None) -> int:
                 out = work / "runs" / f"{tool}-{size}"
                 shutil.rmtree(out, ignore_errors=True)
                 result_path = work / "runs" / f"{tool}-{size}.result.json"
+                script, child = __file__, tool
+                if tool == "baseline":
+                    if args.baseline_root is None:
+                        parser.error("--tools baseline needs --baseline-root")
+                    script, child = (
+                        str(args.baseline_root.resolve() / "benchmarks" / "prepare_bench.py"),
+                        "prepare",
+                    )
                 cmd = [
-                    sys.executable, __file__, "--child", tool, "--input", str(csv), "--out", str(out),
+                    sys.executable, script, "--child", child, "--input", str(csv), "--out", str(out),
                     "--result", str(result_path), "--max-seq-len", str(args.max_seq_len),
                     "--num-cpus", str(args.num_cpus),
                 ]  # fmt: skip
+                if tool == "duckdb" and args.duckdb_memory_limit:
+                    cmd += ["--duckdb-memory-limit", args.duckdb_memory_limit]
                 print(f"[{size:,} events] {tool}, run {repeat + 1}/{args.repeats} ...", flush=True)
-                measured = run_measured(cmd, args.sample_interval, work / "runs" / f"{tool}-{size}.log")
+                root = args.baseline_root.resolve() if tool == "baseline" else ROOT
+                measured = run_measured(cmd, args.sample_interval, work / "runs" / f"{tool}-{size}.log", root)
                 measured["job_seconds"] = json.loads(result_path.read_text())["job_seconds"]
                 measured["load_average_1m"] = os.getloadavg()[0]
                 runs[tool].append(measured)
@@ -229,15 +362,16 @@ def main(argv: list[str] | None = None) -> int:
                     "events_per_s": num_events / best["wall_seconds"],
                     "peak_pss_mib": max(m["peak_pss_mib"] for m in measured),
                     "peak_rss_mib": max(m["peak_rss_mib"] for m in measured),
+                    "peak_pss_by_role_mib": best["peak_pss_by_role_mib"],
+                    "peak_pss_by_stage_mib": best["peak_pss_by_stage_mib"],
                     "load_average_1m": best["load_average_1m"],
                     "runs": measured,
                 }
             )
-        if "prepare" in outputs and REFERENCE in outputs:
-            match = compare_outputs(outputs["prepare"], outputs[REFERENCE])
-            for r in records:
-                if r["size"] == size:
-                    r["outputs_match_reference"] = match
+        for r in records:
+            if r["size"] == size and r["tool"] != REFERENCE and r["tool"] in outputs and REFERENCE in outputs:
+                compare = compare_outputs if num_events <= args.full_compare_max_events else compare_sums
+                r["outputs_match_reference"] = compare(outputs[r["tool"]], outputs[REFERENCE])
         if not args.keep_outputs:
             for out in outputs.values():
                 shutil.rmtree(out, ignore_errors=True)
@@ -261,6 +395,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['peak_rss_mib']:>12,.0f} {ratio:>12} {job_ratio:>11} {r['load_average_1m']:>5.1f} "
             f"{r.get('outputs_match_reference', '-'):>6}"
         )
+    print("\npeak PSS (MiB) of the fastest run, by role and by stage of the prepare job:")
+    for r in records:
+        roles = " ".join(f"{k}={v:,.0f}" for k, v in r["peak_pss_by_role_mib"].items())
+        stages = " ".join(f"{k}={v:,.0f}" for k, v in r["peak_pss_by_stage_mib"].items())
+        print(f"{r['size']:>11,} {r['tool']:>8}  {roles}\n{'':>21}{stages}")
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {

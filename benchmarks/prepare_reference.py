@@ -26,8 +26,10 @@ def run_reference(
     max_seq_len: int = 50,
     min_seq_len: int = 3,
     threads: int | None = None,
+    memory_limit: str | None = None,
 ) -> dict:
-    """Run the reference transform (``threads`` DuckDB threads, default all); return counts and seconds."""
+    """Run the reference transform (``threads`` DuckDB threads, default all; ``memory_limit`` such as
+    ``"8GB"``, beyond which DuckDB spills to ``<out_dir>/duckdb_tmp``); return counts and seconds."""
     began = time.perf_counter()
     out = Path(out_dir)
     for sub in ("vocab", "train", "valid", "test"):
@@ -35,6 +37,9 @@ def run_reference(
     con = duckdb.connect()
     if threads is not None:
         con.execute(f"SET threads = {int(threads)}")
+    if memory_limit is not None:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute(f"SET temp_directory = '{out / 'duckdb_tmp'}'")
     keep = max_seq_len + 1
     # Everything is read as text first so that bad values become rejects instead of a failed read
     # (a TRY_CAST in the same statement is pushed into the CSV scan by DuckDB and then raises).

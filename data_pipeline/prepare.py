@@ -16,17 +16,21 @@ Stages, each a Ray Data job whose tasks do vectorized Arrow/NumPy work:
 3. k-core   while some item has fewer than item_core interactions: drop those items everywhere,
             then the users that fall below their threshold (one Ray Data job per round).
 4. vocab    (driver) dense ids by descending count, ties by raw id; vocab/*.parquet.
-5. rows     one task per bucket: dense ids, per-user split rows truncated to max_seq_len + 1.
+5. rows     one task per bucket: dense ids (binary search over the vocabulary's sorted hashes),
+            per-user split rows truncated to max_seq_len + 1.
 6. write    one task per output file: the users of a dense-id range, sorted, zstd Parquet.
 
 Memory of a task is bounded by one read chunk or one bucket (``ray.bucket_bytes`` of input), not by
-the input size. Intermediate files live in ``<output.dir>/_work`` (removed at the end), so on a
+the input size; what grows is the vocabularies, as Arrow/NumPy arrays in the driver and (sorted
+hashes) in Ray's object store, never as a per-task hash table (docs/data_pipeline.md, "Memory").
+Intermediate files live in ``<output.dir>/_work`` (removed at the end), so on a
 multi-node cluster output.dir must be on a shared file system. ``manifest.json`` is written last.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import glob
 import logging
@@ -53,16 +57,20 @@ from data_pipeline.readers import ReadTask, SourceFile, plan_read_tasks, read_re
 from data_pipeline.transform import (
     OLDER_SPLIT,
     SPLITS,
+    HashedVocab,
     bucket_of,
     build_split_rows,
     cold_items,
     core_filter,
     dedup,
+    dense_ids_of,
     drop_cold_interactions,
+    hashed_vocab,
     interaction_schema,
     output_schema,
     record_filters,
     sort_interactions,
+    take_rows,
     user_counts,
     user_runs,
     validate_records,
@@ -95,6 +103,8 @@ _FILE_SCHEMA = pa.schema(
         ("sha256", pa.string()),
     ]
 )
+# Columns of the split files with few distinct values (Parquet column paths).
+_DICTIONARY_COLUMNS = ["split", "events.list.element"]
 _REJECT_SCHEMA = pa.schema(
     [("source_file", pa.string()), ("row_number", pa.int64()), ("reason", pa.string()), ("raw", pa.string())]
 )
@@ -304,8 +314,8 @@ def _rows_task(
     cfg: PrepareConfig,
     work: str,
     schema: pa.Schema,
-    users_raw: Any,
-    items_raw: Any,
+    users_vocab: Any,
+    items_vocab: Any,
     has_timestamps: bool,
     out_schema: pa.Schema,
     round_: int,
@@ -316,9 +326,8 @@ def _rows_task(
     table = read_arrow(_clean_path(work, round_, bucket)).cast(schema)
     starts, _ = user_runs(table["user"])
     run_users = table["user"].combine_chunks().take(pa.array(starts))
-    user_dense = np.asarray(pc.index_in(run_users, value_set=ray.get(users_raw)), dtype=np.int64) + 1
-    item_dense = np.asarray(pc.index_in(table["item"], value_set=ray.get(items_raw)), dtype=np.int64) + 1
-    assert (user_dense > 0).all() and (item_dense > 0).all(), "every kept id is in the vocabulary"
+    user_dense = dense_ids_of(run_users, ray.get(users_vocab))
+    item_dense = dense_ids_of(table["item"], ray.get(items_vocab))
     stats: dict[str, int] = {}
     if cfg.split.cold_items_fraction > 0:
         cold = cold_items(table["item"], cfg.split.cold_items_fraction, cfg.split.cold_items_seed)
@@ -349,14 +358,18 @@ def _write_task(
         start, end = np.searchsorted(user_ids, [lo, hi], side="right")
         parts.append(rows.slice(start, end - start))
     table = pa.concat_tables(parts).cast(out_schema) if parts else out_schema.empty_table()
-    table = table.sort_by("user_id")
     if table.num_rows == 0 and not write_empty:
         return _FILE_SCHEMA.empty_table()
     # One chunk per column: Parquet page boundaries then depend on the data only, not on how the
     # table happened to be chunked, so the same data gives the same bytes.
     table = table.combine_chunks()
+    table = take_rows(table, np.argsort(np.asarray(table["user_id"]), kind="stable"))
     rel = f"{split}/part-{shard:05d}.parquet"
-    digest = write_parquet(table, Path(out) / rel, row_group_size, "zstd", schema=out_schema)
+    # Dictionary pages only for the few distinct strings: for ids, timestamps and ratings Parquet
+    # builds a dictionary, overflows it and falls back, which doubles the write time and the size.
+    digest = write_parquet(
+        table, Path(out) / rel, row_group_size, "zstd", schema=out_schema, use_dictionary=_DICTIONARY_COLUMNS
+    )
     num_interactions = int(pc.sum(pc.list_value_length(table["item_ids"])).as_py() or 0)
     row = {"split": split, "path": rel, "num_rows": table.num_rows, "num_interactions": num_interactions}
     return pa.Table.from_pylist([{**row, "sha256": digest}], schema=_FILE_SCHEMA)
@@ -377,7 +390,14 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         if cfg.address:
             ray.init(address=cfg.address, logging_level=logging.WARNING)
         else:
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+            # Ray runs its workers at nice 15 by default, behind every other process of the machine;
+            # the job's tasks are the work here, so they run at the driver's priority.
+            ray.init(
+                num_cpus=cfg.num_cpus,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+                _system_config={"worker_niceness": 0},
+            )
         started = True
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
@@ -496,6 +516,18 @@ def _vocab(counts: pa.Table) -> pa.Table:
     )
 
 
+def _lookup_vocab(vocab: pa.Table) -> HashedVocab | pa.Array:
+    """What the rows tasks look dense ids up in: sorted hashes (O(ids of the task) per task), or
+    on a 64-bit hash collision the raw ids (each task then builds a hash table of all of them)."""
+    hashed = hashed_vocab(vocab["raw_id"])
+    if hashed is None:
+        logger.warning(
+            "two raw ids of %s share a 64-bit hash: dense ids are looked up by value", vocab.num_rows
+        )
+        return vocab["raw_id"].combine_chunks()
+    return hashed
+
+
 def _package_version() -> str:
     try:
         from importlib.metadata import version
@@ -517,12 +549,16 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     claim_output_dir(out, cfg.output.overwrite)
     save_config(cfg, out / "config.yaml")
     out = out.resolve()  # tasks may run in another working directory
-    fingerprint, input_files = fingerprint_inputs([s.path for s in sources] + meta_path)
-    try:
-        with ray_session(cfg.ray):
-            manifest = _run_stages(cfg, sources, out, metadata)
-    finally:
-        shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    # Hashing the inputs (seconds per GB) overlaps the stages: the driver thread mostly waits on Ray,
+    # and hashlib releases the GIL.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fingerprinted = pool.submit(fingerprint_inputs, [s.path for s in sources] + meta_path)
+        try:
+            with ray_session(cfg.ray):
+                manifest = _run_stages(cfg, sources, out, metadata)
+        finally:
+            shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+        fingerprint, input_files = fingerprinted.result()
     manifest.update(
         {
             "config": to_dict(cfg),
@@ -700,8 +736,8 @@ def _run_stages(
             cfg=cfg,
             work=str(work),
             schema=schema,
-            users_raw=ray.put(users_vocab["raw_id"]),
-            items_raw=ray.put(items_vocab["raw_id"]),
+            users_vocab=ray.put(_lookup_vocab(users_vocab)),
+            items_vocab=ray.put(_lookup_vocab(items_vocab)),
             has_timestamps=has_timestamps,
             out_schema=out_schema,
             round_=rounds,

@@ -269,10 +269,22 @@ def record_filters(table: pa.Table, filters: FiltersConfig) -> tuple[pa.Table, d
 _HASH_BASE = np.uint64(0x100000001B3)
 
 
-def stable_hash(values: pa.Array) -> np.ndarray:
+# Strings hashed per step of stable_hash: its temporaries take ~40 bytes per input byte, so a
+# vocabulary of 10^7 ids is hashed in slices rather than at once.
+_HASH_STEP = 1 << 18
+
+
+def stable_hash(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A 64-bit hash of each string that is the same in every process and on every machine
     (Python's ``hash`` is salted per process). Polynomial over the UTF-8 bytes + splitmix64 mixing."""
-    arr = _as_array(values).cast(pa.large_string())
+    arr = _as_array(values)
+    if len(arr) <= _HASH_STEP:
+        return _stable_hash(arr)
+    return np.concatenate([_stable_hash(arr.slice(i, _HASH_STEP)) for i in range(0, len(arr), _HASH_STEP)])
+
+
+def _stable_hash(values: pa.Array) -> np.ndarray:
+    arr = values.cast(pa.large_string())
     n = len(arr)
     offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
     data_buffer = arr.buffers()[2]
@@ -306,6 +318,52 @@ def bucket_of(users: pa.Array | pa.ChunkedArray, num_buckets: int) -> np.ndarray
     encoded = pc.dictionary_encode(_as_array(users))
     buckets = (stable_hash(encoded.dictionary) % np.uint64(num_buckets)).astype(np.int64)
     return buckets[np.asarray(encoded.indices)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vocabulary lookup
+
+
+@dataclass
+class HashedVocab:
+    """A vocabulary as two NumPy arrays: the 64-bit ``stable_hash`` of each raw id, sorted, and the
+    dense id of each. A task finds the dense ids of its ids by binary search, so its memory is that
+    of its own ids, not a hash table of the whole vocabulary (10^7 ids -> 160 MB, shared read-only
+    through Ray's object store)."""
+
+    sorted_hashes: np.ndarray  # uint64, ascending, no duplicates
+    dense_ids: np.ndarray  # int64, dense id of sorted_hashes[i]
+
+
+def hashed_vocab(raw_ids: pa.Array | pa.ChunkedArray) -> HashedVocab | None:
+    """The ``HashedVocab`` of raw ids whose dense ids are 1..n in order; None when two ids share a
+    64-bit hash (about n^2 / 2^65: ~3e-6 for 10^7 ids), then the caller looks ids up by value."""
+    hashes = stable_hash(raw_ids)
+    order = np.argsort(hashes, kind="stable")
+    sorted_hashes = hashes[order]
+    if len(sorted_hashes) > 1 and not np.all(sorted_hashes[1:] != sorted_hashes[:-1]):
+        return None
+    return HashedVocab(sorted_hashes, order.astype(np.int64) + 1)
+
+
+def dense_ids_of(values: pa.Array | pa.ChunkedArray, vocab: HashedVocab | pa.Array) -> np.ndarray:
+    """Dense id (int64) of each value; every value must be in the vocabulary. ``vocab`` is a
+    ``HashedVocab``, or the raw ids in dense-id order (the fallback of ``hashed_vocab``)."""
+    if not isinstance(vocab, HashedVocab):
+        dense = np.asarray(pc.index_in(values, value_set=vocab).fill_null(-1), dtype=np.int64) + 1
+        assert (dense > 0).all(), "every kept id is in the vocabulary"
+        return dense
+    # Each distinct value is hashed and searched once; an id usually repeats within a bucket.
+    encoded = pc.dictionary_encode(_as_array(values))
+    hashes = stable_hash(encoded.dictionary)
+    pos = np.searchsorted(vocab.sorted_hashes, hashes)
+    # The vocabulary holds every value and no two of its hashes are equal, so an equal hash is the
+    # value itself.
+    pos = np.minimum(pos, len(vocab.sorted_hashes) - 1)
+    assert len(hashes) == 0 or (vocab.sorted_hashes[pos] == hashes).all(), (
+        "every kept id is in the vocabulary"
+    )
+    return vocab.dense_ids[pos][np.asarray(encoded.indices)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -479,6 +537,21 @@ def _gather_lists(values: pa.Array, starts: np.ndarray, ends: np.ndarray) -> pa.
     index = np.arange(offsets[-1], dtype=np.int64) - np.repeat(offsets[:-1] - starts, lengths)
     assert offsets[-1] < 2**31, "a bucket's rows exceed list<> offsets; use more buckets"
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), values.take(pa.array(index)))
+
+
+def take_rows(table: pa.Table, order: np.ndarray) -> pa.Table:
+    """``table.take(order)`` with each list column gathered through its offsets in NumPy: Arrow's
+    take of list arrays is several times slower, and the write stage reorders every output row."""
+    index = pa.array(order, pa.int64())
+    columns = []
+    for column in table.columns:
+        values = _as_array(column)
+        if pa.types.is_list(values.type) and values.null_count == 0:
+            offsets = np.asarray(values.offsets, dtype=np.int64)
+            columns.append(_gather_lists(values.values, offsets[:-1][order], offsets[1:][order]))
+        else:
+            columns.append(values.take(index))
+    return pa.Table.from_arrays(columns, schema=table.schema)
 
 
 def build_split_rows(

@@ -84,14 +84,18 @@ def write_parquet(
     row_group_size: int,
     compression: str = "zstd",
     schema: pa.Schema | None = None,
+    use_dictionary: bool | list[str] = True,
 ) -> str:
-    """Write ``table`` atomically; returns the file's sha256."""
+    """Write ``table`` atomically; returns the file's sha256. ``use_dictionary``: True, or the
+    column paths (``name``, ``name.list.element``) that get dictionary encoding."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if schema is not None:
         table = table.cast(schema)
     tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression=compression, row_group_size=row_group_size)
+    pq.write_table(
+        table, tmp, compression=compression, row_group_size=row_group_size, use_dictionary=use_dictionary
+    )
     digest = sha256_file(tmp)
     os.replace(tmp, path)
     return digest

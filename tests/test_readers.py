@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -295,3 +296,52 @@ def test_invalid_utf8_lines_are_rejected_with_their_row(tmp_path):
     got = _read_all(_input(format="tsv", paths=[str(tmp_path / "latin1.tsv")], columns={"timestamp": "ts"}))
     assert got["user"] == ["u1", "u3"]
     assert [(r[1], r[2], r[3]) for r in got["rejects"]] == [(3, "invalid_utf8", "u\ufffd\ti2\t2")]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "u1,i1,5,1.0\nu2,i2,6,2\n u3 , i3 ,7, 3 \n",  # clean lines: Arrow's CSV tokenizer splits them
+        "u1,i1,5,1\r\nu2,i2,6,2\r\n\r\nu3,i3,7,3\r\n",  # CRLF and an empty CRLF line
+        'u1,"i,1",5,1\n"u2",i2,6,2\n',  # quotes are not CSV quoting here: the field count decides
+        "u1,i1,5,1\n   \nu2,i2,6\nu3,i3,7,3\n",  # whitespace-only line, a short row
+        "u1,i1,5,1\rx\nu2,i2,6,2\n",  # a bare CR inside a line
+        "u1,i1,5,1\n\n\nu2,i2,6,2",  # empty lines, no final newline
+    ],
+)
+def test_fast_csv_split_equals_the_general_path(tmp_path, monkeypatch, body):
+    """The tokenizer fast path of text pieces gives exactly what splitting line by line gives (or
+    falls back to it): same fields, positions, line numbers, blank count and rejects."""
+    from data_pipeline import readers
+
+    path = tmp_path / "log.csv"
+    path.write_bytes(("user,item,timestamp,rating\n" + body).encode())
+    cfg = _input(paths=[str(path)], format="csv", columns={"rating": "rating"})
+    split_fast = readers._split_fields_fast
+    used: list[bool] = []
+    monkeypatch.setattr(
+        readers, "_split_fields_fast", lambda *a: used.append(split_fast(*a) is not None) or split_fast(*a)
+    )
+    fast = _read_all(cfg)
+    if body.startswith("u1,i1,5,1.0") or body.startswith("u1,i1,5,1\r\n"):
+        assert used == [True], "clean pieces take the fast path"
+    monkeypatch.setattr(readers, "_split_fields_fast", lambda *args: None)
+    assert _read_all(cfg) == fast
+
+
+def test_hashed_vocab_lookup_equals_lookup_by_value():
+    """Dense ids found by binary search over sorted 64-bit hashes equal those of a lookup by value."""
+    from data_pipeline.transform import dense_ids_of, hashed_vocab
+
+    rng = np.random.default_rng(0)
+    raw = pa.array(sorted({f"id{x}" for x in rng.integers(0, 10**9, 5000)} | {"", "ü€", "0", "00"}))
+    raw = raw.take(pa.array(rng.permutation(len(raw))))  # dense-id order is not raw order
+    vocab = hashed_vocab(raw)
+    assert vocab is not None
+    values = raw.take(pa.array(rng.integers(0, len(raw), 20000)))
+    want = np.asarray(pc.index_in(values, value_set=raw), dtype=np.int64) + 1
+    assert dense_ids_of(values, vocab).tolist() == want.tolist()
+    assert dense_ids_of(values, raw).tolist() == want.tolist()  # the by-value fallback
+    assert dense_ids_of(values.slice(0, 0), vocab).tolist() == []
+    with pytest.raises(AssertionError, match="in the vocabulary"):
+        dense_ids_of(pa.array(["not-an-id"]), vocab)
