@@ -125,19 +125,11 @@ def curve_points(
     return points
 
 
-def test_curve(run_dir: Path, key: str, split: str = "test") -> list[tuple[int | None, float | None, float]]:
-    """``[(epoch, elapsed seconds, value), ...]`` of ``<split>/<key>`` during training, from metrics.jsonl.
-
-    Only ``data.train_split=train_valid`` runs evaluate test during training (as a curve, never for
-    selection); the others have a valid curve (``split="valid"``) and no test curve ([]).
-    """
-    return [point[1:] for point in curve_points(read_records(run_dir), split, key)]
-
-
 def time_to(
     curve: list[tuple[int | None, float | None, float]], target: float
 ) -> tuple[float | None, int | None]:
-    """(elapsed seconds, epoch) of the first ``test_curve`` point at or above ``target``; (None, None) if none."""
+    """(elapsed seconds, epoch) of the first point of ``curve`` (``(epoch, elapsed seconds, value)``)
+    at or above ``target``; (None, None) if none."""
     for epoch, seconds, value in curve:
         if value >= target and seconds is not None:
             return seconds, epoch

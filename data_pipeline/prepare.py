@@ -522,7 +522,8 @@ def _lookup_vocab(vocab: pa.Table) -> HashedVocab | pa.Array:
     hashed = hashed_vocab(vocab["raw_id"])
     if hashed is None:
         logger.warning(
-            "two raw ids of %s share a 64-bit hash: dense ids are looked up by value", vocab.num_rows
+            "two raw ids of a %d-id vocabulary share a 64-bit hash: dense ids are looked up by value",
+            vocab.num_rows,
         )
         return vocab["raw_id"].combine_chunks()
     return hashed

@@ -31,10 +31,14 @@ def test_test_curve_carries_the_last_logged_epoch_to_each_test_point(tmp_path):
         {"step": 68, "elapsed_s": 35.0, "train/epoch": 2.94, "train/loss": 3.5},
         {"step": 72, "elapsed_s": 38.0, "test/hr@10": 0.19, "test/ndcg@10": 0.11},
     ])  # fmt: skip
-    assert bench.test_curve(tmp_path, "hr@10") == [(1, 13.0, 0.10), (2, 25.0, 0.21), (3, 38.0, 0.19)]
-    assert bench.test_curve(tmp_path, "ndcg@10") == [(1, 13.0, 0.05), (2, 25.0, 0.12), (3, 38.0, 0.11)]
-    assert bench.test_curve(tmp_path, "mrr") == []
-    assert bench.test_curve(tmp_path / "missing", "hr@10") == []
+
+    def test_curve(run_dir, key):  # (epoch, elapsed seconds, value) of test/<key>, as the report uses it
+        return [point[1:] for point in bench.curve_points(bench.read_records(run_dir), "test", key)]
+
+    assert test_curve(tmp_path, "hr@10") == [(1, 13.0, 0.10), (2, 25.0, 0.21), (3, 38.0, 0.19)]
+    assert test_curve(tmp_path, "ndcg@10") == [(1, 13.0, 0.05), (2, 25.0, 0.12), (3, 38.0, 0.11)]
+    assert test_curve(tmp_path, "mrr") == []
+    assert test_curve(tmp_path / "missing", "hr@10") == []
 
 
 def test_time_to_gives_the_first_point_at_or_above_the_target():

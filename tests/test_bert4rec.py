@@ -92,26 +92,39 @@ def test_masks_are_reproducible_layout_free_and_at_the_asked_rate():
 # ---------------------------------------------------------------------------------------- loss
 
 
-def test_loss_counts_the_masked_positions_only():
-    task = make_task()
-    model, weight = model_and_table(task)
-    batch = make_batch(ROWS)
-    ctx = PlainTableContext(step=3, seed=5, rank=0, world_size=1, device=torch.device("cpu"), dense=model,
-                            dense_dtype=torch.float32, grad_accum_steps=1, loss_scale=1.0, weight=weight)  # fmt: skip
-    loss_sum, num = task.train_loss(batch, ctx)
-    # Reference: row by row, the masks drawn from the same (seed, step, user, length, position), the
-    # encoder on the masked row alone, the exact softmax at each masked position over items 1..30.
-    temperature = task.cfg.loss.temperature
-    items = F.normalize(weight[1 : NUM_ITEMS + 1], dim=-1)
-    want, count = 0.0, 0
+STEP, SEED = 3, 5  # the loss tests' step context (make_task sets run.seed=5)
+
+
+def step_context(model, weight) -> PlainTableContext:
+    return PlainTableContext(step=STEP, seed=SEED, rank=0, world_size=1, device=torch.device("cpu"), dense=model,
+                             dense_dtype=torch.float32, grad_accum_steps=1, loss_scale=1.0, weight=weight)  # fmt: skip
+
+
+def masked_row_queries(batch, model, weight):
+    """Reference, row by row: ``(row, masked positions, query_TD)`` with the masks drawn from the same
+    (seed, step, user, length, position) and the encoder on the masked row alone."""
     for user, row in zip(batch.user_ids.tolist(), ROWS):
         if len(row) < 2:
             continue  # no history to learn from (as in the retrieval task)
         row = row[-6:]  # model.max_seq_len
-        masked = cloze_mask(torch.tensor([user]), torch.tensor([len(row)]), 5, 3, 0.4)
+        masked = cloze_mask(torch.tensor([user]), torch.tensor([len(row)]), SEED, STEP, 0.4)
         inputs = torch.tensor([NUM_ITEMS + 1 if m else i for i, m in zip(row, masked.tolist())])
         query = model(weight[inputs], torch.tensor([0, len(row)]), len(row))
-        for t in torch.nonzero(masked).flatten().tolist():
+        yield row, torch.nonzero(masked).flatten().tolist(), query
+
+
+def test_loss_counts_the_masked_positions_only():
+    task = make_task()
+    model, weight = model_and_table(task)
+    batch = make_batch(ROWS)
+    ctx = step_context(model, weight)
+    loss_sum, num = task.train_loss(batch, ctx)
+    # Reference: the exact softmax at each masked position over items 1..30.
+    temperature = task.cfg.loss.temperature
+    items = F.normalize(weight[1 : NUM_ITEMS + 1], dim=-1)
+    want, count = 0.0, 0
+    for row, masked_positions, query in masked_row_queries(batch, model, weight):
+        for t in masked_positions:
             logits = query[t] @ items.T / temperature
             want += float(F.cross_entropy(logits[None], torch.tensor([row[t] - 1])))
             count += 1
@@ -126,21 +139,14 @@ def test_binary_loss_at_the_masked_positions_matches_brute_force():
     task = make_task("loss.function=binary", "loss.negatives=per_position", "loss.num_negatives=4")
     model, weight = model_and_table(task)
     batch = make_batch(ROWS)
-    ctx = PlainTableContext(step=3, seed=5, rank=0, world_size=1, device=torch.device("cpu"), dense=model,
-                            dense_dtype=torch.float32, grad_accum_steps=1, loss_scale=1.0, weight=weight)  # fmt: skip
+    ctx = step_context(model, weight)
     loss_sum, num = task.train_loss(batch, ctx)
     temperature = task.cfg.loss.temperature
     neg_ids = task._negatives(int(num), ctx)  # the step's draw: a pure function of (seed, step, rank)
     assert neg_ids.shape == (int(num), 4) and 1 <= int(neg_ids.min()) and int(neg_ids.max()) <= NUM_ITEMS
     want, m = 0.0, 0
-    for user, row in zip(batch.user_ids.tolist(), ROWS):
-        if len(row) < 2:
-            continue
-        row = row[-6:]
-        masked = cloze_mask(torch.tensor([user]), torch.tensor([len(row)]), 5, 3, 0.4)
-        inputs = torch.tensor([NUM_ITEMS + 1 if flag else i for i, flag in zip(row, masked.tolist())])
-        query = model(weight[inputs], torch.tensor([0, len(row)]), len(row))
-        for t in torch.nonzero(masked).flatten().tolist():
+    for row, masked_positions, query in masked_row_queries(batch, model, weight):
+        for t in masked_positions:
             ids = [row[t]] + [n for n in neg_ids[m].tolist() if n != row[t]]
             logits = torch.stack([query[t] @ F.normalize(weight[j], dim=0) for j in ids]) / temperature
             labels = torch.zeros(len(ids))
