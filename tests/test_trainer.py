@@ -485,3 +485,25 @@ def test_checkpoint_resumes_on_another_world_size(train_runs, synthetic_data, tm
     for split in ("valid", "test"):
         for key, value in run.final[split].items():
             assert final[split][key] == pytest.approx(value, abs=1e-6), (split, key)
+
+
+def test_a_stale_deepspeed_build_lock_is_named_instead_of_hanging(tmp_path, monkeypatch):
+    """A build killed mid-way leaves <extensions>/<op>/lock, on which DeepSpeed would wait forever."""
+    import os
+    import time
+
+    from torch import nn
+
+    from train.zero import STALE_LOCK_SECONDS, build_engine, stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    fresh = tmp_path / "deepspeed_shm_comm" / "lock"  # a build in progress: left alone
+    fresh.parent.mkdir()
+    fresh.touch()
+    assert fresh not in stale_build_locks()
+    old = time.time() - STALE_LOCK_SECONDS - 60
+    os.utime(fresh, (old, old))
+    assert fresh in stale_build_locks()
+    cfg = load_train_config(None, [])
+    with pytest.raises(RuntimeError, match=f"stale build lock .*rm .*{fresh}"):
+        build_engine(nn.Linear(2, 2), cfg, {}, total_steps=1)

@@ -11,10 +11,14 @@ the default).
 from __future__ import annotations
 
 import math
+import os
+import time
+from pathlib import Path
 
 import deepspeed
 import torch
 from torch import nn
+from torch.utils.cpp_extension import get_default_build_root
 
 from train.config import TrainConfig
 
@@ -86,8 +90,35 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return fn
 
 
+STALE_LOCK_SECONDS = 600  # DeepSpeed's CPU ops build in about a minute here
+
+
+def stale_build_locks(max_age_s: float = STALE_LOCK_SECONDS) -> list[Path]:
+    """Build locks of torch C++ extensions (DeepSpeed JIT-builds its ops there) older than ``max_age_s``.
+
+    A process killed while it builds an op leaves ``<extensions dir>/<op>/lock``; every later build
+    of that op waits on the file forever (``FileBaton.wait``), so the engine would hang, silently.
+    """
+    roots = [Path(get_default_build_root())]
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        roots.append(Path(os.environ["TORCH_EXTENSIONS_DIR"]))
+    now = time.time()
+    locks = set()
+    for root in roots:
+        for pattern in ("*/lock", "*/*/lock"):
+            locks.update(p for p in root.glob(pattern) if now - p.stat().st_mtime > max_age_s)
+    return sorted(locks)
+
+
 def build_engine(encoder: nn.Module, cfg: TrainConfig, ds_config: dict, total_steps: int):
     """Wrap ``encoder`` in a DeepSpeed engine; returns the engine (its optimizer and scheduler inside)."""
+    if stale := stale_build_locks():
+        minutes = (time.time() - stale[0].stat().st_mtime) / 60
+        raise RuntimeError(
+            f"stale build lock {stale[0]} ({minutes:.0f} min old; {len(stale)} in all): a process was killed "
+            "while it built a DeepSpeed op, and DeepSpeed would wait on this file forever. If no build is "
+            f"running, remove it (rm {' '.join(map(str, stale))}) and start again."
+        )
     schedule = lr_lambda(cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(
         model=encoder,
