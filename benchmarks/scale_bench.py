@@ -142,6 +142,7 @@ def _train_child(args: argparse.Namespace) -> int:
 
     from train.config import load_train_config
     from train.distributed import all_reduce_sum, destroy_distributed, init_distributed
+    from train.evaluation import evaluate_popularity
     from train.trainer import Trainer
 
     overrides = [
@@ -190,6 +191,25 @@ def _train_child(args: argparse.Namespace) -> int:
                 "num_users": metrics["num_users"], "hr@10": metrics["hr@10"],
             }  # fmt: skip
             torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        # The trainer's end-of-run steps at this size: the same evaluation writing its predictions
+        # (rank 0 merges the ranks' top-k lists and maps dense ids back to raw ones), and the
+        # popularity baseline (rank 0; it counts items over the whole train split).
+        cfg.eval.scoring = "sharded"
+        dist.barrier()
+        with _PeakRSS() as mem:
+            began = time.perf_counter()
+            trainer.evaluate("valid", predictions_path=Path(args.out) / "valid_predictions.parquet")
+            seconds = time.perf_counter() - began
+        result["predictions"] = {"seconds": seconds, "peak_rss_mib": mem.peak / 2**20,
+                                 "above_start_mib": (mem.peak - mem.before) / 2**20}  # fmt: skip
+        if info.is_main:
+            with _PeakRSS() as mem:
+                began = time.perf_counter()
+                popularity = evaluate_popularity(cfg.data.dir, "valid")
+                seconds = time.perf_counter() - began
+            result["popularity"] = {"seconds": seconds, "peak_rss_mib": mem.peak / 2**20,
+                                    "above_start_mib": (mem.peak - mem.before) / 2**20, "hr@10": popularity["hr@10"]}  # fmt: skip
+        dist.barrier()
         trainer.close()
     finally:
         trainer = None
@@ -261,6 +281,12 @@ def run_size(num_items: int, args: argparse.Namespace, work: Path) -> dict:
             "num_users": ranks[0][scoring]["num_users"],
             "hr@10": ranks[0][scoring]["hr@10"],
         }
+    record["predictions"] = {
+        "seconds": max(r["predictions"]["seconds"] for r in ranks),
+        "peak_rss_mib_per_rank": [r["predictions"]["peak_rss_mib"] for r in ranks],
+        "above_start_mib_per_rank": [r["predictions"]["above_start_mib"] for r in ranks],
+    }
+    record["popularity"] = ranks[0]["popularity"]
     if "gathered" in record and record["gathered"]["hr@10"] != record["sharded"]["hr@10"]:
         print(f"WARNING: sharded and gathered HR@10 differ at {num_items} items", flush=True)
     if not args.keep_data:
@@ -270,20 +296,21 @@ def run_size(num_items: int, args: argparse.Namespace, work: Path) -> dict:
 
 def print_table(records: list[dict], exponents: dict) -> None:
     def cell(v, fmt):
-        return "-" if v is None else format(v, fmt)
+        return format("-", fmt.split(".")[0].rstrip(",")) if v is None else format(v, fmt)
 
     header = (
         f"{'items':>11} {'events':>12} {'prep s':>7} {'prep MiB':>9} {'step ms':>8} {'epoch s':>8} "
         f"{'eval new s':>10} {'new MiB/rank':>16} {'eval old s':>10} {'old MiB/rank':>16} {'users':>6} {'load':>5}"
     )
+
+    def mem(x):  # the larger rank's peak RSS during the step, and (in brackets) its rise during it
+        if x is None:
+            return "-"
+        return f"{max(x['peak_rss_mib_per_rank']):,.0f} (+{max(x['above_start_mib_per_rank']):,.0f})"
+
     print("\n" + header + "\n" + "-" * len(header))
     for r in records:
         new, old = r.get("sharded"), r.get("gathered")
-
-        def mem(x):  # the larger rank's peak RSS during eval, and (in brackets) its rise during eval
-            if x is None:
-                return "-"
-            return f"{max(x['peak_rss_mib_per_rank']):,.0f} (+{max(x['above_start_mib_per_rank']):,.0f})"
 
         print(
             f"{r['num_items']:>11,} {r['num_events']:>12,} {r['prepare']['wall_seconds']:>7.1f} "
@@ -302,6 +329,30 @@ def print_table(records: list[dict], exponents: dict) -> None:
     print(
         "prepare k against events; the others against items. MiB/rank: the larger rank's peak RSS during "
         "eval (+ its rise above the RSS before eval); eval new = sharded, old = gathered."
+    )
+    # The end-of-run steps: the sharded eval again, now writing predictions; the popularity baseline.
+    header = (
+        f"{'items':>11} {'eval+predictions s':>18} {'MiB/rank':>16} {'popularity s':>12} {'MiB (rank 0)':>16}"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in records:
+        pred, pop = r.get("predictions"), r.get("popularity")
+        pop_mem = pop and {
+            "peak_rss_mib_per_rank": [pop["peak_rss_mib"]],
+            "above_start_mib_per_rank": [pop["above_start_mib"]],
+        }
+        print(
+            f"{r['num_items']:>11,} {cell(pred and pred['seconds'], '>18.2f')} {mem(pred):>16} "
+            f"{cell(pop and pop['seconds'], '>12.2f')} {mem(pop_mem):>16}"
+        )
+    print(
+        f"{'k (~size^k)':>11} {cell(e['predictions_seconds'], '>18.2f')} {cell(e['predictions_peak_mib'], '>16.2f')} "
+        f"{cell(e['popularity_seconds'], '>12.2f')} {cell(e['popularity_peak_mib'], '>16.2f')}"
+    )
+    print(
+        "eval+predictions: the sharded eval of the same users, rank 0 then merging the ranks' top-k lists into "
+        "test_predictions-style Parquet with raw ids; popularity: item counts over the whole train split, "
+        "then the same users ranked."
     )
 
 
@@ -348,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         "eval_sharded_peak_mib": fit_exponent(items, col(["sharded", "peak_rss_mib_per_rank"], max)),
         "eval_gathered_seconds": fit_exponent(items, col(["gathered", "seconds"])),
         "eval_gathered_peak_mib": fit_exponent(items, col(["gathered", "peak_rss_mib_per_rank"], max)),
+        "predictions_seconds": fit_exponent(items, col(["predictions", "seconds"])),
+        "predictions_peak_mib": fit_exponent(items, col(["predictions", "peak_rss_mib_per_rank"], max)),
+        "popularity_seconds": fit_exponent(items, col(["popularity", "seconds"])),
+        "popularity_peak_mib": fit_exponent(items, col(["popularity", "peak_rss_mib"])),
     }
     print_table(records, exponents)
     command = " ".join(["python", "benchmarks/scale_bench.py", *(argv if argv is not None else sys.argv[1:])])

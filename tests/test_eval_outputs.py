@@ -15,7 +15,7 @@ import torch.distributed as dist
 from train.config import load_train_config
 from train.evaluation import Evaluator, UserHistory, _PredictionParts, evaluate_popularity
 from train.metrics import RetrievalMetrics, item_counts, rank_of_targets
-from train.reader import SequenceDataset, raw_ids_by_dense
+from train.reader import SequenceDataset, raw_id_column, raw_ids_by_dense
 
 
 @pytest.fixture
@@ -48,13 +48,37 @@ def test_predictions_are_written_in_user_order_chunk_by_chunk(synthetic_data, tm
 
     written = pq.read_table(path)
     assert written.num_rows == 40 and pq.ParquetFile(path).metadata.num_row_groups == 6
-    item_raw = raw_ids_by_dense(synthetic_data / "vocab" / "items.parquet")
-    user_raw = raw_ids_by_dense(synthetic_data / "vocab" / "users.parquet")
+    item_raw, user_raw = (
+        _vocab_by_hand(synthetic_data / "vocab" / f"{w}.parquet") for w in ("items", "users")
+    )
     order = np.argsort(users)
-    assert written.column("user_id").to_pylist() == list(user_raw[users[order]])
-    assert written.column("target_item_id").to_pylist() == list(item_raw[targets[order]])
-    assert written.column("top_item_ids").to_pylist() == [list(item_raw[row]) for row in top[order]]
+    assert written.column("user_id").to_pylist() == [user_raw[u] for u in users[order]]
+    assert written.column("target_item_id").to_pylist() == [item_raw[t] for t in targets[order]]
+    assert written.column("top_item_ids").to_pylist() == [[item_raw[i] for i in row] for row in top[order]]
     assert not list(tmp_path.glob(".test_predictions.rank*"))  # the parts are gone
+
+
+def _vocab_by_hand(path) -> dict[int, str]:
+    """Dense id -> raw id as text, row by row (0, padding, -> "")."""
+    return {0: "", **{row["dense_id"]: str(row["raw_id"]) for row in pq.read_table(path).to_pylist()}}
+
+
+def test_raw_id_column_maps_every_dense_id_and_refuses_a_broken_vocabulary(synthetic_data, tmp_path):
+    import pyarrow as pa
+
+    path = synthetic_data / "vocab" / "items.parquet"
+    by_hand = _vocab_by_hand(path)
+    column = raw_id_column(path)
+    assert column.type == pa.string() and column.to_pylist() == [by_hand[d] for d in range(len(by_hand))]
+    assert list(raw_ids_by_dense(path)) == column.to_pylist()
+    ints = pa.table(
+        {"raw_id": pa.array([30, 10, 20], pa.int64()), "dense_id": pa.array([3, 1, 2], pa.int64())}
+    )
+    pq.write_table(ints, tmp_path / "ints.parquet")  # integer raw ids come back as their text
+    assert raw_id_column(tmp_path / "ints.parquet").to_pylist() == ["", "10", "20", "30"]
+    pq.write_table(ints.slice(0, 2), tmp_path / "gap.parquet")  # dense ids 3, 1: 2 is missing
+    with pytest.raises(ValueError, match="gap.parquet: dense ids are not 1..2; prepare the data again"):
+        raw_id_column(tmp_path / "gap.parquet")
 
 
 def test_popularity_with_all_history_equals_brute_force(synthetic_data):

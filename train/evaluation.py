@@ -29,7 +29,7 @@ from train.batch import SequenceBatch, jagged_concat, split_last
 from train.config import TrainConfig
 from train.distributed import DistInfo, all_reduce_sum
 from train.metrics import RetrievalMetrics, item_counts, popularity_ranks
-from train.reader import SequenceDataset, load_manifest, raw_ids_by_dense, vocab_path
+from train.reader import SequenceDataset, load_manifest, raw_id_column, vocab_path
 from train.tasks.base import Task
 
 logger = logging.getLogger(__name__)
@@ -127,8 +127,8 @@ class Evaluator:
             targets = np.concatenate([p[1] for p in parts])
             starts = np.cumsum([0] + [len(p[0]) for p in parts])
             order = np.argsort(users, kind="stable")
-            item_raw = raw_ids_by_dense(self.item_vocab_path)
-            user_raw = raw_ids_by_dense(self.user_vocab_path)
+            item_raw = raw_id_column(self.item_vocab_path)
+            user_raw = raw_id_column(self.user_vocab_path)
             k = max(p[2].shape[1] for p in parts)
             tmp = path.with_suffix(".parquet.tmp")
             writer = None
@@ -141,9 +141,11 @@ class Evaluator:
                 offsets = pa.array(np.arange(len(idx) + 1, dtype=np.int32) * k)
                 table = pa.table(
                     {
-                        "user_id": pa.array(user_raw[users[idx]]),
-                        "target_item_id": pa.array(item_raw[targets[idx]]),
-                        "top_item_ids": pa.ListArray.from_arrays(offsets, pa.array(item_raw[top.ravel()])),
+                        "user_id": user_raw.take(pa.array(users[idx])),
+                        "target_item_id": item_raw.take(pa.array(targets[idx])),
+                        "top_item_ids": pa.ListArray.from_arrays(
+                            offsets, item_raw.take(pa.array(top.ravel()))
+                        ),
                     }
                 )
                 writer = writer or pq.ParquetWriter(tmp, table.schema)

@@ -107,18 +107,26 @@ def vocab_path(data_dir: str | os.PathLike, manifest: dict[str, Any], kind: str)
     return Path(data_dir) / manifest.get("vocab", default)[kind]
 
 
-def raw_ids_by_dense(path: str | os.PathLike) -> np.ndarray:
-    """Dense id -> raw id (a string) from a vocabulary file; index 0 (padding) is the empty string."""
+def raw_id_column(path: str | os.PathLike) -> pa.Array:
+    """Dense id -> raw id as one Arrow string array (index 0, padding, is the empty string).
+
+    Compact (offsets plus characters, about 12 bytes per id at 10^7 ids, no Python objects); map a
+    batch of dense ids with ``column.take(ids)``.
+    """
     t = pq.read_table(path, columns=["raw_id", "dense_id"])
     dense = t.column("dense_id").to_numpy()
-    if not np.array_equal(np.sort(dense), np.arange(1, len(dense) + 1)):
+    order = np.argsort(dense)
+    if not np.array_equal(dense[order], np.arange(1, len(dense) + 1)):
         raise ValueError(
             f"{path}: dense ids are not 1..{len(dense)}; prepare the data again ({_PREPARE_HINT})"
         )
-    out = np.empty(len(dense) + 1, dtype=object)
-    out[0] = ""
-    out[dense] = np.array([str(r) for r in t.column("raw_id").to_pylist()], dtype=object)
-    return out
+    raw = t.column("raw_id").cast(pa.string()).combine_chunks()
+    return pa.concat_arrays([pa.array([""], pa.string()), raw.take(pa.array(order))])
+
+
+def raw_ids_by_dense(path: str | os.PathLike) -> np.ndarray:
+    """Dense id -> raw id (a Python string) from a vocabulary file; index 0 (padding) is the empty string."""
+    return np.array(raw_id_column(path).to_pylist(), dtype=object)
 
 
 def load_manifest(data_dir: str | os.PathLike) -> dict[str, Any]:
