@@ -13,6 +13,11 @@ summed PSS (shared pages such as Ray's object store counted once) and of the sum
 that of the subprocess (interpreter start, Ray start-up and shutdown included); ``job s`` is the time
 of the ``prepare(...)`` / reference call alone.
 
+Tool ``attached`` is ``prepare`` as a cluster user runs it: against a Ray head this benchmark starts
+once (``ray start --head --block``, ``ray.address`` set), so Ray's start-up (about 10 s on this 2-core
+machine) is paid once per cluster, not per job. Its memory includes the head's whole process tree
+(GCS, raylet, the job's workers), sampled with the driver's.
+
 It prints a table (size, tool, seconds, events/s, peak memory, ratio to the reference, the 1-minute
 load average when the run ended -- other work on the machine skews times) and writes
 ``<work-dir>/prepare_bench.json``. With ``--repeats N`` the tools alternate N times and the fastest
@@ -37,7 +42,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 # ``baseline``: ``prepare`` from another checkout (--baseline-root), e.g. main before a change.
-TOOLS = ("prepare", "duckdb", "baseline")
+# ``attached``: ``prepare`` on a Ray head started once for the whole benchmark (``ray.address``).
+TOOLS = ("prepare", "duckdb", "baseline", "attached")
 REFERENCE = "duckdb"
 SPLITS = ("train", "valid", "test")
 
@@ -47,7 +53,7 @@ SPLITS = ("train", "valid", "test")
 
 def _child(args: argparse.Namespace) -> int:
     """Run one tool on one input and write its own timing/statistics to ``args.result``."""
-    if args.child == "prepare":
+    if args.child in ("prepare", "attached"):
         from cluster.config import load_config
         from cluster.log import setup_logging
         from data_pipeline.config import PrepareConfig
@@ -67,6 +73,8 @@ def _child(args: argparse.Namespace) -> int:
             "output.overwrite=true",
             f"ray.num_cpus={args.num_cpus}",
         ]
+        if args.ray_address:
+            overrides.append(f"ray.address={args.ray_address}")
         cfg = load_config(PrepareConfig, None, overrides)
         began = time.perf_counter()
         manifest = prepare(cfg)
@@ -103,14 +111,17 @@ def _role(proc: psutil.Process, root_pid: int) -> str:
     return "worker" if name.startswith("ray::") or (cmd and cmd[0].startswith("ray::")) else "daemon"
 
 
-def _tree_memory(proc: psutil.Process) -> dict[str, int]:
-    """Summed RSS and PSS over ``proc`` and all its descendants, PSS also per role (``_role``) and
-    the largest single process, in bytes."""
+def _tree_memory(proc: psutil.Process, also: psutil.Process | None = None) -> dict[str, int]:
+    """Summed RSS and PSS over ``proc`` and all its descendants (and ``also``'s: an attached Ray head),
+    PSS also per role (``_role``) and the largest single process, in bytes."""
     out = {"rss": 0, "pss": 0, "driver": 0, "worker": 0, "daemon": 0, "max_process": 0}
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return out
+    procs = []
+    for root in (proc, also):
+        try:
+            procs += [root, *root.children(recursive=True)] if root is not None else []
+        except psutil.Error:
+            if root is proc:
+                return out
     for p in procs:
         try:
             info = p.memory_full_info()
@@ -137,19 +148,27 @@ def _stage_of(log_path: Path) -> list[tuple[float, str]]:
     return ends
 
 
-def run_measured(cmd: list[str], sample_interval: float, log_path: Path, cwd: Path = ROOT) -> dict:
-    """Run ``cmd``, sampling its process tree's memory; return wall seconds and peaks (MiB), also
-    per role (driver / Ray workers / Ray daemons) and, for ``prepare``, per stage."""
+def run_measured(
+    cmd: list[str],
+    sample_interval: float,
+    log_path: Path,
+    cwd: Path = ROOT,
+    also: psutil.Process | None = None,
+    env: dict | None = None,
+) -> dict:
+    """Run ``cmd`` (``env`` added to the environment), sampling its process tree's memory (and
+    ``also``'s, an attached Ray head); return wall seconds and peaks (MiB), also per role (driver /
+    Ray workers / Ray daemons) and, for ``prepare``, per stage."""
     began = time.perf_counter()
     samples = []  # (seconds since midnight, local time, memory dict)
     with open(log_path, "wb") as log:
         # The checkout is the working directory and PYTHONPATH, so Ray workers import its code too.
-        env = {**os.environ, "PYTHONPATH": str(cwd)}
+        env = {**os.environ, **(env or {}), "PYTHONPATH": str(cwd)}
         popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         proc = psutil.Process(popen.pid)
         while popen.poll() is None:
             now = time.localtime()
-            samples.append((now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec, _tree_memory(proc)))
+            samples.append((now.tm_hour * 3600 + now.tm_min * 60 + now.tm_sec, _tree_memory(proc, also)))
             time.sleep(sample_interval)
     wall = time.perf_counter() - began
     if popen.returncode != 0:
@@ -173,6 +192,40 @@ def run_measured(cmd: list[str], sample_interval: float, log_path: Path, cwd: Pa
         "peak_pss_by_role_mib": {k: peak[k] for k in ("driver", "worker", "daemon", "max_process")},
         "peak_pss_by_stage_mib": by_stage,
     }
+
+
+def start_ray_head(
+    num_cpus: int, log_path: Path, timeout: float = 300.0
+) -> tuple[subprocess.Popen, str, dict]:
+    """A local Ray head in the foreground (``ray start --head --block``; terminating it stops the
+    cluster) on a free port, workers at nice 0 like the embedded one. Returns it, its address and the
+    environment a client needs (a cluster started by ``ray start`` wants token authentication, as in
+    slurm/data_pipeline.sbatch), once ``ray status`` answers."""
+    import secrets
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    ray_cli = str(Path(sys.executable).absolute().with_name("ray"))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env = {**os.environ, **auth, "PYTHONPATH": str(ROOT), "RAY_worker_niceness": "0"}
+    cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
+           "--include-dashboard=false", "--disable-usage-stats"]  # fmt: skip
+    with open(log_path, "wb") as log:
+        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    status = [ray_cli, "status", f"--address={address}"]
+    deadline = time.monotonic() + timeout
+    while subprocess.run(status, capture_output=True, env=env).returncode:
+        if head.poll() is not None or time.monotonic() > deadline:
+            head.kill()
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the Ray head ({' '.join(cmd)}) did not come up; log {log_path}:\n{tail}")
+        time.sleep(1.0)
+    return head, address, auth
 
 
 # Synthetic log shapes: (events per user, events per item). ``wide`` is the shape of issue #22's
@@ -308,12 +361,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--ray-address", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         return _child(args)
 
     work = args.work_dir.resolve()
     (work / "runs").mkdir(parents=True, exist_ok=True)
+    head = address = auth = None
+    if "attached" in args.tools:
+        print(f"starting a Ray head ({args.num_cpus} CPUs) for tool 'attached' ...", flush=True)
+        head, address, auth = start_ray_head(args.num_cpus, work / "runs" / "ray-head.log")
+    try:
+        records = _run_tools(args, parser, work, head, address, auth)
+    finally:
+        if head is not None:
+            head.terminate()
+            head.wait(timeout=120)
+    _report(records, work)
+    return 0
+
+
+def _run_tools(
+    args, parser, work: Path, head: subprocess.Popen | None, address: str | None, auth: dict | None
+):
+    """Every tool on every size (alternating within each repeat); one record per (size, tool)."""
     records = []
     for size in args.sizes:
         csv = ensure_log(size, work / "logs", args.shape)
@@ -341,9 +413,14 @@ def main(argv: list[str] | None = None) -> int:
                 ]  # fmt: skip
                 if tool == "duckdb" and args.duckdb_memory_limit:
                     cmd += ["--duckdb-memory-limit", args.duckdb_memory_limit]
+                attached = tool == "attached"
+                if attached:
+                    cmd += ["--ray-address", address]
                 print(f"[{size:,} events] {tool}, run {repeat + 1}/{args.repeats} ...", flush=True)
                 root = args.baseline_root.resolve() if tool == "baseline" else ROOT
-                measured = run_measured(cmd, args.sample_interval, work / "runs" / f"{tool}-{size}.log", root)
+                measured = run_measured(cmd, args.sample_interval, work / "runs" / f"{tool}-{size}.log", root,
+                                        also=psutil.Process(head.pid) if attached else None,
+                                        env=auth if attached else None)  # fmt: skip
                 measured["job_seconds"] = json.loads(result_path.read_text())["job_seconds"]
                 measured["load_average_1m"] = os.getloadavg()[0]
                 runs[tool].append(measured)
@@ -375,7 +452,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep_outputs:
             for out in outputs.values():
                 shutil.rmtree(out, ignore_errors=True)
+    return records
 
+
+def _report(records: list[dict], work: Path) -> None:
+    """Ratios to the reference, the printed tables, ``<work>/prepare_bench.json``."""
     by_key = {(r["size"], r["tool"]): r for r in records}
     for r in records:
         ref = by_key.get((r["size"], REFERENCE))
@@ -413,7 +494,6 @@ def main(argv: list[str] | None = None) -> int:
     out_json = work / "prepare_bench.json"
     out_json.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwrote {out_json}")
-    return 0
 
 
 if __name__ == "__main__":

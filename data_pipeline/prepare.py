@@ -391,8 +391,11 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             ray.init(address=cfg.address, logging_level=logging.WARNING)
         else:
             # Ray runs its workers at nice 15 by default, behind every other process of the machine;
-            # the job's tasks are the work here, so they run at the driver's priority.
+            # the job's tasks are the work here, so they run at the driver's priority. "local": a new
+            # instance even when a cluster started with `ray start` runs here (a bare ray.init() would
+            # join that one, and refuse num_cpus).
             ray.init(
+                address="local",
                 num_cpus=cfg.num_cpus,
                 include_dashboard=False,
                 logging_level=logging.WARNING,
