@@ -13,6 +13,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -41,7 +42,7 @@ def ray_local():
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     yield
     if started:
         ray.shutdown()
@@ -781,3 +782,40 @@ def test_cold_start_fraction_out_of_range_is_refused(tmp_path):
     paths, _ = random_log(tmp_path, seed=3, num_users=10)
     with pytest.raises(ConfigError, match=r"split.cold_items_fraction.*\[0, 1\)"):
         run(tmp_path / "out", [paths_override(paths), *CSV_COLUMNS, "split.cold_items_fraction=1.5"])
+
+
+def test_embedded_ray_beside_a_cluster_started_with_ray_start(tmp_path):
+    """With a cluster from `ray start --head` on the machine, prepare without ray.address still starts
+    its own local Ray: a bare ray.init() joins that cluster and refuses ray.num_cpus."""
+    import secrets
+    import socket
+
+    paths, _ = random_log(tmp_path, seed=9, num_files=1)
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    ray_cli = str(Path(sys.executable).absolute().with_name("ray"))
+    head_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    cmd = [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
+           "--disable-usage-stats"]  # fmt: skip
+    with open(tmp_path / "head.log", "wb") as log:
+        head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=head_env)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "head.log").read_text(errors="replace").count("Ray runtime started"):
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()
+            time.sleep(0.5)
+        prep = [sys.executable, "-m", "data_pipeline", "prepare", *CSV_COLUMNS, paths_override(paths),
+                f"output.dir={tmp_path / 'out'}", "ray.num_cpus=1"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        done = subprocess.run(prep, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                              text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert json.loads((tmp_path / "out" / "manifest.json").read_text())["num_interactions"] > 0
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
+        # `ray start` leaves the address of its (now stopped) cluster for bare ray.init() calls to find.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.is_file() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()

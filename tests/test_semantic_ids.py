@@ -219,7 +219,7 @@ def _prepared_with_metadata(data_dir: Path, rows: list[dict]) -> None:
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
