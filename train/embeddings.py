@@ -322,6 +322,8 @@ def gather_full_table(table: ShardedItemTable, device: torch.device, chunk_rows:
     local = torch.cat(parts) if parts else torch.empty(0, table.embedding_dim, device=device)
     padded = torch.zeros(per_rank, table.embedding_dim, device=device, dtype=local.dtype)
     padded[: len(local)] = local
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.cat(gathered)[: table.num_embeddings]
+    del parts, local
+    # Straight into one tensor: the whole table once per rank, not once per slice and again concatenated.
+    out = torch.empty(world * per_rank, table.embedding_dim, device=device, dtype=padded.dtype)
+    dist.all_gather_into_tensor(out, padded)
+    return out[: table.num_embeddings]
