@@ -280,7 +280,14 @@ def _topk_core(
             chunk_BC[:, 0] = -math.inf
         in_chunk = (excl_items >= start) & (excl_items < stop)
         chunk_BC[excl_rows[in_chunk], excl_items[in_chunk] - start] = -math.inf
-        vals, ids = _best_k(chunk_BC, start, k)
+        take = k
+        if best_vals is not None and best_vals.shape[1] == k and num_rows:
+            # Only entries above a row's k-th score so far can enter (an equal one has a higher id
+            # than the entry it ties with): as many per row as the row with most has, often none.
+            take = min(k, int((chunk_BC > best_vals[:, -1:]).sum(1).max()))
+            if take == 0:
+                continue
+        vals, ids = _best_k(chunk_BC, start, take)
         if best_vals is not None:
             # Merge 2K candidates by (score desc, id asc). Chunks come in ascending id order and each
             # part is already id-ascending among equal scores, so one stable sort by score suffices.

@@ -142,7 +142,13 @@ def slice_topk(
             chunk_BC[:, 0] = -math.inf
         in_chunk = (excl_items >= start) & (excl_items < stop)
         chunk_BC[excl_rows[in_chunk], excl_items[in_chunk] - start] = -math.inf
-        vals, ids = _best_k(chunk_BC, start, k)
+        # Only entries above a row's current k-th score can enter its list (an equal one has a higher
+        # id than the entry it ties with, so it loses). Once the lists fill, most chunks have none,
+        # or a few: take as many per row as the row with most has (its exact best), not k.
+        need = int((chunk_BC > best_vals[:, -1:]).sum(1).max()) if num_rows else 0
+        if need == 0:
+            continue
+        vals, ids = _best_k(chunk_BC, start, min(k, need))
         # Earlier chunks hold lower ids: one stable sort by score keeps ties in ascending id order.
         vals, ids = torch.cat([best_vals, vals], 1), torch.cat([best_ids, ids], 1)
         order = vals.argsort(dim=1, descending=True, stable=True)[:, :k]
