@@ -115,13 +115,16 @@ def raw_id_column(path: str | os.PathLike) -> pa.Array:
     """
     t = pq.read_table(path, columns=["raw_id", "dense_id"])
     dense = t.column("dense_id").to_numpy()
-    order = np.argsort(dense)
-    if not np.array_equal(dense[order], np.arange(1, len(dense) + 1)):
-        raise ValueError(
-            f"{path}: dense ids are not 1..{len(dense)}; prepare the data again ({_PREPARE_HINT})"
-        )
+    expected = np.arange(1, len(dense) + 1)
     raw = t.column("raw_id").cast(pa.string()).combine_chunks()
-    return pa.concat_arrays([pa.array([""], pa.string()), raw.take(pa.array(order))])
+    if not np.array_equal(dense, expected):  # prepare writes them in dense id order; others may not
+        order = np.argsort(dense)
+        if not np.array_equal(dense[order], expected):
+            raise ValueError(
+                f"{path}: dense ids are not 1..{len(dense)}; prepare the data again ({_PREPARE_HINT})"
+            )
+        raw = raw.take(pa.array(order))
+    return pa.concat_arrays([pa.array([""], pa.string()), raw])
 
 
 def raw_ids_by_dense(path: str | os.PathLike) -> np.ndarray:
