@@ -237,15 +237,23 @@ def run_size(num_items: int, args: argparse.Namespace, work: Path) -> dict:
     csv = ensure_log(num_items, work / "logs")
     num_events = _count_rows(csv)
     prepared = work / "prepared" / f"items-{num_items}"
-    shutil.rmtree(prepared, ignore_errors=True)
-    result_path = work / "runs" / f"prepare-{num_items}.result.json"
-    cmd = [
-        sys.executable, str(ROOT / "benchmarks" / "prepare_bench.py"), "--child", "prepare", "--input", str(csv),
-        "--out", str(prepared), "--result", str(result_path), "--max-seq-len", str(MAX_SEQ_LEN),
-        "--num-cpus", str(args.num_cpus),
-    ]  # fmt: skip
-    print(f"[{num_items:,} items] prepare {num_events:,} events ...", flush=True)
-    prep = run_measured(cmd, 0.25, work / "runs" / f"prepare-{num_items}.log")
+    measured = work / "runs" / f"prepare-{num_items}.measured.json"
+    if args.reuse_prepared and (prepared / "manifest.json").is_file() and measured.is_file():
+        print(
+            f"[{num_items:,} items] prepared data and its prepare figures reused from {prepared}", flush=True
+        )
+        prep = json.loads(measured.read_text())
+    else:
+        shutil.rmtree(prepared, ignore_errors=True)
+        result_path = work / "runs" / f"prepare-{num_items}.result.json"
+        cmd = [
+            sys.executable, str(ROOT / "benchmarks" / "prepare_bench.py"), "--child", "prepare", "--input", str(csv),
+            "--out", str(prepared), "--result", str(result_path), "--max-seq-len", str(MAX_SEQ_LEN),
+            "--num-cpus", str(args.num_cpus),
+        ]  # fmt: skip
+        print(f"[{num_items:,} items] prepare {num_events:,} events ...", flush=True)
+        prep = run_measured(cmd, 0.25, work / "runs" / f"prepare-{num_items}.log")
+        measured.write_text(json.dumps(prep))
 
     data = eval_subset(prepared, args.eval_users, work / "prepared" / f"items-{num_items}-eval")
     scorings = ["sharded"] + (["gathered"] if num_items <= args.gathered_max_items else [])
@@ -367,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks" / "results" / "scale")
     parser.add_argument("--keep-data", action="store_true", help="keep the prepared directories")
+    parser.add_argument("--reuse-prepared", action="store_true",
+                        help="a size whose prepared data was kept (--keep-data) skips prepare and reports its earlier figures")  # fmt: skip
     parser.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
     for name in ("--data", "--out", "--result"):
         parser.add_argument(name, help=argparse.SUPPRESS)
