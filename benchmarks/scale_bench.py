@@ -16,10 +16,15 @@ For each size N (items in the catalogue; N users with 10 events each on average,
    ranked), ``eval.scoring=sharded`` (each rank scores its own rows of the table) then ``gathered``
    (the old path: the whole table on every rank). Wall time, and per rank the peak RSS sampled during
    the evaluation (absolute, and above the RSS just before it).
+4. *end-of-run steps*: the sharded evaluation again, writing predictions (rank 0 merges every
+   rank's top-k lists into Parquet with raw ids), and the popularity baseline on rank 0 (item counts
+   over the whole train split); wall time and peak RSS of each.
 
 Then the fitted growth exponent k of each time (least squares of log time on log size; prepare
-against events, the rest against items): k ~ 0 is flat, k ~ 1 linear. Prints one table and writes
-``<work-dir>/scale_bench.json``. Generated logs and prepared data are cached under ``<work-dir>``.
+against events, the rest against items): k ~ 0 is flat, k ~ 1 linear. Prints two tables and writes
+``benchmarks/results/scale_bench.json``. Generated logs are cached under ``<work-dir>``; prepared data is
+kept with ``--keep-data`` and reused (prepare skipped, its earlier figures reported) with
+``--reuse-prepared``.
 The machine is shared: the 1-minute load average at the end of each size is in the table.
 """
 
