@@ -51,7 +51,7 @@ def _set_lr_worker(rank: int, world_size: int, init_file: str, sharding: str) ->
     # The group must really be gone, its threads joined, before interpreter shutdown (see
     # destroy_distributed); a reference left behind (e.g. a default argument bound to the group)
     # keeps them alive, and one of them can then abort the process on its way out.
-    left = live_gloo_threads()
+    left = live_gloo_threads(wait_s=5.0)
     assert left == [], f"rank {rank}: {GLOO_THREADS_LEFT} {left}"
 
 

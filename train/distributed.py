@@ -13,6 +13,7 @@ import datetime
 import gc
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def destroy_distributed() -> None:
         else:
             dist.destroy_process_group()
     gc.collect()
-    if left := live_gloo_threads():  # known case: DeepSpeed ZeRO-3 keeps its engine (and groups) alive
+    if left := live_gloo_threads(wait_s=2.0):  # known case: DeepSpeed ZeRO-3 keeps its engine (and groups) alive
         log.info("%s %d left: something still holds a process group; a collective finishing during "
                  "interpreter shutdown could abort the process", GLOO_THREADS_LEFT, len(left))  # fmt: skip
 
@@ -83,8 +84,19 @@ def destroy_distributed() -> None:
 GLOO_THREADS_LEFT = "gloo threads outlive the process groups:"
 
 
-def live_gloo_threads() -> list[str]:
-    """Names of this process's gloo threads (read from /proc on Linux; empty elsewhere)."""
+def live_gloo_threads(wait_s: float = 0.0) -> list[str]:
+    """Names of this process's gloo threads (read from /proc on Linux; empty elsewhere).
+
+    With ``wait_s``, polls until none is left or the time is up: a freed group's last reference can
+    be dropped on one of gloo's own threads, which then joins the transport loop a moment later.
+    """
+    deadline = time.monotonic() + wait_s
+    while (left := _gloo_threads()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+def _gloo_threads() -> list[str]:
     tasks = Path("/proc/self/task")
     names = []
     for task in tasks.iterdir() if tasks.is_dir() else []:
