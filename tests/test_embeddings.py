@@ -36,6 +36,13 @@ def _check_set_lr(rank: int, sharding: str) -> None:
     direction = torch.randn(12, 8, generator=gen)
     first = _sgd_update(table, ids, direction)
     assert first.abs().max() > 0.01, "the table did not move"
+    # Gathered to one rank (what tracking.log_model uses): the same table there, nothing elsewhere.
+    everywhere = gather_full_table(table, torch.device("cpu"))
+    to_root = gather_full_table(table, torch.device("cpu"), chunk_rows=7, dst=1)
+    if rank == 1:
+        assert torch.equal(to_root, everywhere)
+    else:
+        assert to_root is None
     table.set_lr(0.25)
     assert table.lr == 0.25 and all(g["lr"] == 0.25 for g in table.optimizer.param_groups)
     second = _sgd_update(table, ids, direction)

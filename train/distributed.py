@@ -76,7 +76,9 @@ def destroy_distributed() -> None:
         else:
             dist.destroy_process_group()
     gc.collect()
-    if left := live_gloo_threads(wait_s=2.0):  # known case: DeepSpeed ZeRO-3 keeps its engine (and groups) alive
+    if left := live_gloo_threads(
+        wait_s=2.0
+    ):  # known case: DeepSpeed ZeRO-3 keeps its engine (and groups) alive
         log.info("%s %d left: something still holds a process group; a collective finishing during "
                  "interpreter shutdown could abort the process", GLOO_THREADS_LEFT, len(left))  # fmt: skip
 

@@ -301,16 +301,22 @@ def is_row_wise(table: ShardedItemTable) -> bool:
 
 
 @torch.no_grad()
-def gather_full_table(table: ShardedItemTable, device: torch.device, chunk_rows: int = 65536) -> Tensor:
-    """The whole table ``[num_embeddings, D]`` on every rank (for retrieval over all items).
+def gather_full_table(
+    table: ShardedItemTable, device: torch.device, chunk_rows: int = 65536, dst: int | None = None
+) -> Tensor | None:
+    """The whole table ``[num_embeddings, D]`` on every rank (for retrieval over all items), or with
+    ``dst`` on that rank only (None elsewhere: the other ranks never hold more than their slice).
 
     Each rank looks up an equal slice of the ids through the sharded module (works for every sharding
-    type), then the slices are all-gathered.
+    type), then the slices are all-gathered (or gathered to ``dst``).
     """
+    rank = dist.get_rank() if dist.is_initialized() else 0
     if table.data_parallel:  # every rank already holds it
+        if dst is not None and rank != dst:
+            return None
         weight = table.module.state_dict()[table.weight_key]
         return weight[:, : table.embedding_dim].detach().clone().to(device)
-    world, rank = dist.get_world_size(), dist.get_rank()
+    world = dist.get_world_size()
     per_rank = -(-table.num_embeddings // world)
     start = rank * per_rank
     ids = torch.arange(start, min(start + per_rank, table.num_embeddings), dtype=torch.long)
@@ -323,7 +329,13 @@ def gather_full_table(table: ShardedItemTable, device: torch.device, chunk_rows:
     padded = torch.zeros(per_rank, table.embedding_dim, device=device, dtype=local.dtype)
     padded[: len(local)] = local
     del parts, local
-    # Straight into one tensor: the whole table once per rank, not once per slice and again concatenated.
+    if dst is not None and rank != dst:
+        dist.gather(padded, None, dst=dst)
+        return None
+    # Straight into one tensor: the whole table once, not once per slice and again concatenated.
     out = torch.empty(world * per_rank, table.embedding_dim, device=device, dtype=padded.dtype)
-    dist.all_gather_into_tensor(out, padded)
+    if dst is None:
+        dist.all_gather_into_tensor(out, padded)
+    else:
+        dist.gather(padded, list(out.view(world, per_rank, -1).unbind(0)), dst=dst)
     return out[: table.num_embeddings]

@@ -35,8 +35,8 @@ class IdItemEmbeddings:
     def lookup(self, ids_U: Tensor, ctx) -> Tensor:
         return ctx.lookup(self.table, ids_U)
 
-    def full(self, device: torch.device) -> Tensor:
-        return gather_full_table(self.table, device)
+    def full(self, device: torch.device, dst: int | None = None) -> Tensor | None:
+        return gather_full_table(self.table, device, dst=dst)
 
 
 class SemanticIdItemEmbeddings:
@@ -51,9 +51,9 @@ class SemanticIdItemEmbeddings:
         rows = ctx.lookup(self.table, tokens_UL.reshape(-1))
         return rows.view(*tokens_UL.shape, -1).sum(dim=1)
 
-    def full(self, device: torch.device) -> Tensor:
-        codes_CD = gather_full_table(self.table, device)
-        return codes_CD[self.token_ids_IL.to(device)].sum(dim=1)
+    def full(self, device: torch.device, dst: int | None = None) -> Tensor | None:
+        codes_CD = gather_full_table(self.table, device, dst=dst)
+        return None if codes_CD is None else codes_CD[self.token_ids_IL.to(device)].sum(dim=1)
 
 
 def code_table_token_ids(codes_IL: np.ndarray, codebook_sizes: list[int]) -> Tensor:

@@ -494,8 +494,8 @@ class Trainer:
         }
         logger.info("test: %s", _fmt(test))
         log_model = self.cfg.tracking.log_model and self.task.servable
-        if log_model:  # collectives: every rank gathers, rank 0 logs
-            log_table, log_encoder = self.task.full_item_table(self.device), self._eval_module()
+        if log_model:  # a collective: the table is gathered to rank 0 only, which logs it
+            log_table, log_encoder = self.task.full_item_table(self.device, dst=0), self._eval_module()
         if self.info.is_main:
             if self.cfg.tracking.log_dataset:
                 log_dataset_input(self.tracker, self.cfg.data.dir, self.manifest)

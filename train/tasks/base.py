@@ -99,8 +99,9 @@ class Task(abc.ABC):
     # skips the others.
     servable = False
 
-    def full_item_table(self, device: torch.device) -> Tensor:
-        """Every item's input embedding, row d = item d (a collective). Servable tasks implement it."""
+    def full_item_table(self, device: torch.device, dst: int | None = None) -> Tensor | None:
+        """Every item's input embedding, row d = item d (a collective; with ``dst`` only that rank gets
+        it, the others None). Servable tasks implement it."""
         raise NotImplementedError(f"{type(self).__name__} is not servable")
 
     def __init__(self, cfg: TrainConfig, info: DistInfo, manifest: dict):

@@ -102,9 +102,9 @@ class RetrievalTask(Task):
         self.table = self.items.table
         return tables
 
-    def full_item_table(self, device: torch.device) -> Tensor:
+    def full_item_table(self, device: torch.device, dst: int | None = None) -> Tensor | None:
         """Every item's input embedding, row d = item d (a collective): for serving."""
-        return self.items.full(device)
+        return self.items.full(device, dst=dst)
 
     def build_dense(self) -> nn.Module:
         return build_encoder(self.model_cfg)
