@@ -8,8 +8,10 @@
 Model families. The terms that depend on the family (its table's shape, dense parameters, and
 the per-step ``lookup``, ``activations``, ``attention``, ``loss``, ``recompute``) come from a
 ``FamilyMemory`` its task returns (``Task.memory_model(cfg)``, chosen by ``model.name`` in the task
-registry ``train/tasks/__init__.py``): ``RetrievalMemory`` here for HSTU and SASRec (below), and
-``TigerMemory`` in ``train/tasks/tiger.py``. The table, ZeRO and margin terms are shared.
+registry ``train/tasks/__init__.py``): ``RetrievalMemory`` here for HSTU, SASRec and GRU4Rec
+(below), ``Bert4RecMemory`` in ``train/tasks/bert4rec.py`` (the mask row, a loss over the masked
+positions) and ``TigerMemory`` in ``train/tasks/tiger.py``. The table, ZeRO and margin terms are
+shared. Activation checkpointing applies to HSTU and SASRec only.
 
 Terms (all per rank, the worst rank where ranks differ; the per-step ones as the retrieval task has
 them, see ``TigerMemory`` for TIGER's):
@@ -53,6 +55,10 @@ them, see ``TigerMemory`` for TIGER's):
     part (per token) in ``activations``, the part quadratic in the lengths in ``attention``.
 ``loss``
     Buffers of the loss over N positions: negatives x positions (x width for per_position).
+``backward`` (GRU4Rec, BERT4Rec)
+    Backward's extra at its peak beyond what the forward keeps (gradients of the output stage and,
+    for GRU4Rec, of the padded states), charged as its excess over ``loss``: the loss buffers are
+    freed before it appears.
 ``recompute`` (activation checkpointing only)
     The working set of the layer backward is recomputing, plus the gradient flowing into it and the
     target and negative rows' gradients, beyond the loss buffers and the normalised output: those
@@ -119,41 +125,77 @@ class ModelDims:
     use_position_bias: bool = True
     use_time_bias: bool = False
     num_time_buckets: int = 128
+    hidden_dropout: float = 0.0  # GRU4Rec: dropout between GRU layers
 
-    def num_params(self) -> int:
-        """Dense parameters of the encoder (position table + layers), counted from the modules' shapes."""
-        d, h = self.embedding_dim, self.num_heads
-        pos = self.max_seq_len * d
+    # GRU4Rec spells its shape differently: num_blocks = num_layers (GRU layers), linear_dim =
+    # hidden_size (the GRU state's width); it has no heads, attention or position table.
+    # BERT4Rec: linear_dim = ffn_dim, as for SASRec.
+
+    def position_params(self) -> int:
+        """The learned position table (none in GRU4Rec)."""
+        return 0 if self.name == "gru4rec" else self.max_seq_len * self.embedding_dim
+
+    def layer_params(self) -> list[int]:
+        """Parameters of each block / layer, in order (ZeRO-3 gathers a layer at a time)."""
+        d, h, lin = self.embedding_dim, self.num_heads, self.linear_dim
         if self.name == "hstu":
-            e, f = h * self.attention_dim, h * self.linear_dim
+            e, f = h * self.attention_dim, h * lin
             per_layer = d * (2 * f + 2 * e) + f * d + d
             per_layer += (
                 self.max_seq_len * self.use_position_bias + self.num_time_buckets * self.use_time_bias
             )
-            return pos + self.num_blocks * per_layer
-        if self.name == "sasrec":
-            per_layer = (d * d + d) + (d * 2 * d + 2 * d) + (d * d + d)
-            per_layer += (d * self.linear_dim + self.linear_dim) + (self.linear_dim * d + d)
-            return pos + self.num_blocks * per_layer
-        raise ValueError(f"model.name={self.name!r}: no parameter count; known: hstu, sasrec")
+            return [per_layer] * self.num_blocks
+        if self.name == "sasrec":  # query, key|value, output, FFN; norms without parameters
+            per_layer = (d * d + d) + (d * 2 * d + 2 * d) + (d * d + d) + (d * lin + lin) + (lin * d + d)
+            return [per_layer] * self.num_blocks
+        if self.name == "bert4rec":  # qkv, output, FFN, two affine LayerNorms
+            per_layer = (d * 3 * d + 3 * d) + (d * d + d) + (d * lin + lin) + (lin * d + d) + 2 * 2 * d
+            return [per_layer] * self.num_blocks
+        if self.name == "gru4rec":  # torch.nn.GRU: W_ih [3H, in], W_hh [3H, H], two biases [3H]
+            return [
+                3 * lin * (d if i == 0 else lin) + 3 * lin * lin + 2 * 3 * lin for i in range(self.num_blocks)
+            ]
+        raise ValueError(
+            f"model.name={self.name!r}: no parameter count; known: hstu, sasrec, gru4rec, bert4rec"
+        )
+
+    def head_params(self) -> int:
+        """Parameters outside the position table and the layers."""
+        d = self.embedding_dim
+        if self.name == "gru4rec":  # the output projection H -> D
+            return self.linear_dim * d + d
+        if self.name == "bert4rec":  # the input LayerNorm; the head's Linear D -> D and LayerNorm
+            return 2 * d + (d * d + d) + 2 * d
+        return 0
+
+    def num_params(self) -> int:
+        """Dense parameters of the encoder (position table, layers, head), from the modules' shapes."""
+        return self.position_params() + sum(self.layer_params()) + self.head_params()
 
     def largest_layer_params(self) -> int:
-        """Parameters of one block (ZeRO-3 gathers a block at a time)."""
-        return (self.num_params() - self.max_seq_len * self.embedding_dim) // max(1, self.num_blocks)
+        """Parameters of the largest layer (ZeRO-3 gathers a layer at a time)."""
+        return max([*self.layer_params(), self.head_params()])
 
 
 def model_dims(cfg) -> ModelDims:
     """``TrainConfig`` -> ``ModelDims``. The only function that reads ``cfg.model``.
 
-    ``cfg.model`` is the family's own dataclass (``HSTUConfig`` or ``SASRecConfig``; SASRec's
-    feed-forward width ``ffn_dim`` plays the role of ``linear_dim``). Other families bring their own
-    ``FamilyMemory`` (``family_memory``).
+    ``cfg.model`` is the family's own dataclass (``HSTUConfig``, ``SASRecConfig``, ``GRU4RecConfig``
+    or ``Bert4RecConfig``; SASRec's and BERT4Rec's feed-forward width ``ffn_dim`` plays the role of
+    ``linear_dim``, GRU4Rec's ``num_layers`` and ``hidden_size`` those of ``num_blocks`` and
+    ``linear_dim``). TIGER brings its own ``FamilyMemory`` (``family_memory``).
     """
     m = cfg.model
     if m.name not in ACTIVATION_MODELS:
         raise ValueError(
             f"model_dims covers the retrieval encoders ({', '.join(ACTIVATION_MODELS)}), not {m.name}"
         )
+    if m.name == "gru4rec":  # layers of hidden_size; no heads, attention or positions
+        return ModelDims(
+            name=m.name, embedding_dim=m.embedding_dim, num_blocks=m.num_layers, num_heads=1,
+            attention_dim=0, linear_dim=m.hidden_size, max_seq_len=m.max_seq_len, dropout=m.dropout,
+            hidden_dropout=m.hidden_dropout, use_position_bias=False,
+        )  # fmt: skip
     section = m
     return ModelDims(
         name=m.name,
@@ -161,7 +203,7 @@ def model_dims(cfg) -> ModelDims:
         num_blocks=section.num_blocks,
         num_heads=section.num_heads,
         attention_dim=getattr(section, "attention_dim", section.embedding_dim),
-        linear_dim=section.linear_dim if m.name == "hstu" else section.ffn_dim,
+        linear_dim=section.linear_dim if m.name == "hstu" else section.ffn_dim,  # SASRec, BERT4Rec
         max_seq_len=section.max_seq_len,
         dropout=getattr(section, "dropout", 0.0),
         attn_dropout=getattr(section, "attn_dropout", 0.0),
@@ -179,8 +221,9 @@ class BatchShape:
     """One rank's batch of model inputs as the memory model sees it.
 
     ``num_tokens`` = sum l, ``sum_squares`` = sum l^2 (the attention cost). ``padded_tokens`` and
-    ``padded_squares`` are what the encoder's attention really pads to: for HSTU sum over length
-    groups of B_g N_g and B_g N_g^2, for SASRec B N and B N^2 (the batch's longest row).
+    ``padded_squares`` are what the encoder really pads to: for HSTU sum over length groups of
+    B_g N_g and B_g N_g^2; for SASRec (its attention), GRU4Rec (its GRU) and BERT4Rec (every block)
+    B N and B N^2 (the batch's longest row).
     """
 
     num_rows: int
@@ -222,7 +265,7 @@ class BatchShape:
         if family == "hstu":
             pad_t, pad_s = int(num_tokens * HSTU_PAD_TOKENS), int(sq * HSTU_PAD_SQUARES)
             group_sq = 4 * max_len * max_len  # a few groups; the longest dominates
-        else:  # SASRec pads every row to the batch's longest
+        else:  # SASRec, GRU4Rec, BERT4Rec pad every row to the batch's longest
             pad_t, pad_s, group_sq = rows * max_len, rows * max_len * max_len, max_len * max_len
         return BatchShape(rows, num_tokens, sq, max_len, pad_t, pad_s, group_sq)
 
@@ -302,22 +345,30 @@ def embedding_bytes(
 
 
 def lookup_bytes(
-    batch: BatchShape, embedding_dim: int, negatives: str, num_negatives: int, num_items: int
+    batch: BatchShape,
+    embedding_dim: int,
+    negatives: str,
+    num_negatives: int,
+    num_items: int,
+    num_targets: int | None = None,
+    table_rows: int | None = None,
 ) -> int:
     """The step's looked-up rows (fp32) at the forward's end: the unique ids' output and the copies
     the trainer indexes from it for inputs, targets and negatives (train/trainer.py ``train_step``).
 
-    Ids looked up: inputs (T), targets (T) and negatives (K shared, T*K per position, all I items
-    for full, none in batch); unique ids <= that and <= I + 1. Their gradients appear in backward,
+    Ids looked up: inputs (T), targets (``num_targets``, default T) and negatives (K shared, K per
+    target per position, all I items for full, none in batch); unique ids <= that and <= the table's
+    rows (``table_rows``, default I + 1). Their gradients appear in backward,
     after the loss buffers are freed (measured: the peak is at the end of the forward pass or in
     the loss's backward, which ``loss`` covers).
     """
     t = batch.num_tokens
-    negs = {"shared": num_negatives, "per_position": t * num_negatives, "full": num_items, "in_batch": 0}
+    n = t if num_targets is None else num_targets
+    negs = {"shared": num_negatives, "per_position": n * num_negatives, "full": num_items, "in_batch": 0}
     if negatives not in negs:
         raise ValueError(f"loss.negatives={negatives!r}: expected one of {', '.join(negs)}")
-    unique = min(2 * t + negs[negatives], num_items + 1)
-    return 4 * (unique * stored_width(embedding_dim) + (2 * t + negs[negatives]) * embedding_dim)
+    unique = min(t + n + negs[negatives], num_items + 1 if table_rows is None else table_rows)
+    return 4 * (unique * stored_width(embedding_dim) + (t + n + negs[negatives]) * embedding_dim)
 
 
 def pending_rows_grad_bytes(
@@ -538,6 +589,82 @@ def sasrec_activations(
     return {"activations": linear + shared + backward_linear, "attention": quad}
 
 
+def gru4rec_activations(
+    dims: ModelDims, batch: BatchShape, dtype_bytes: int, checkpointing: bool, has_timestamps: bool = False
+) -> dict[str, int]:
+    """What GRU4Rec's path (train/models/gru4rec.py) keeps for backward, per rank.
+
+    ``dims.linear_dim`` is the GRU's hidden size H and ``dims.num_blocks`` its layers. The GRU runs
+    over the padded batch ([B, N]: every row to the batch's longest), one step per position, as
+    PyTorch's composite GRU cell (the CPU path; cuDNN keeps a reserve space instead, unmeasured).
+    Per padded token: layer 0's input (D, a contiguous copy for the input projection); per layer
+    the step's gate pre-activations (3H), the copies two in-place multiplications save (2H), the
+    candidate state (H) and the new state (H); a later layer also keeps its input (H) and, with
+    ``hidden_dropout``, a bool mask (H bytes). Per token: the input dropout's bool mask (D bytes),
+    the int64 indices of the padding and of the unpadding (32 bytes), the unpadded states (H) the
+    projection saves, and its output and the L2-normalised output (2D).
+
+    Backward's extra at its peak (measured) is the larger of: the L2 normalisation's backward (the
+    query's gradient, its temporaries and the target rows' pending gradient: 5.5 fp32 [T, D]),
+    and, once the projection's backward is done, the padded states' gradient (zeros plus the
+    scattered copy, 2H per padded token) beside the unpadded one (H per token) and the pending
+    target rows (fp32 D per token). No part is quadratic in the lengths. There are no blocks
+    to checkpoint: the planner never proposes checkpointing for GRU4Rec.
+    """
+    if checkpointing:
+        raise ValueError("model.name=gru4rec: activation checkpointing is not available (no blocks to wrap)")
+    d, h, b, layers = dims.embedding_dim, dims.linear_dim, dtype_bytes, dims.num_blocks
+    t, pt = batch.num_tokens, batch.padded_tokens
+    per_padded = b * (d + 7 * h) + (layers - 1) * (b * 8 * h + (h if dims.hidden_dropout > 0 else 0))
+    per_token = b * h + 32 + (d if dims.dropout > 0 else 0)
+    end_of_forward = 2 * b * t * d  # the projection's output and the L2-normalised output
+    at_norm = 22 * t * d  # 5.5 x 4 bytes
+    at_unpad = 4 * t * d + b * t * h + 2 * b * pt * h
+    kept = pt * per_padded + t * per_token + end_of_forward
+    return {"activations": kept, "attention": 0, "backward": max(at_norm, at_unpad)}
+
+
+def bert4rec_activations(
+    dims: ModelDims,
+    batch: BatchShape,
+    dtype_bytes: int,
+    checkpointing: bool,
+    has_timestamps: bool = False,
+    flash: bool = True,
+) -> dict[str, int]:
+    """What BERT4Rec's encoder (train/models/bert4rec.py) keeps for backward, per rank.
+
+    Unlike SASRec's jagged blocks, BERT4Rec pads once after its input stage and runs every block on
+    [B, N, D]; attention is bidirectional over the real keys (a bool key mask, no causal mask).
+    Per block and padded token: the block's input, the fused Q|K|V projection (3D), the attention
+    output, the two residual sums and the first norm's output (8D in all), the FFN's first linear
+    output and the GELU's (2 linear_dim), the two norms' fp32 mean and rstd (16 bytes) and, with
+    dropout, two bool masks (2D bytes). Attention: with a fused kernel (CUDA's memory-efficient
+    kernel, which takes the mask; CPU flash without attention dropout) only a fp32 logsumexp per
+    head and padded token; with the math kernel (CPU with attention dropout) the softmax output,
+    the dropout mask (the model's dtype on CPU) and the dropped copy, H per padded pair each.
+    Per token (the jagged input and output stages): the positions (int64) and the pad and unpad
+    indices (2 int64 each), the input norm's input and stats, the input dropout's bool mask, the
+    head's Linear input, GELU input and LayerNorm input (3D), the normalised output and its input
+    (2D). Backward's extra at its peak: as for GRU4Rec, the L2 normalisation's backward (measured,
+    5.5 fp32 [T, D]). No checkpointing: ``schedule.activation_checkpointing`` wraps HSTU / SASRec
+    layers only and the trainer refuses it for BERT4Rec.
+    """
+    if checkpointing:
+        raise ValueError("model.name=bert4rec: activation checkpointing is not available")
+    d, b, lin, h = dims.embedding_dim, dtype_bytes, dims.linear_dim, dims.num_heads
+    t, pt, ps = batch.num_tokens, batch.padded_tokens, batch.padded_squares
+    per_padded = b * (8 * d + 2 * lin) + 16 + (2 * d if dims.dropout > 0 else 0)
+    per_padded += 4 * h if flash else 0  # the fused kernel's logsumexp
+    quad_entry = 0 if flash else 3 * b
+    per_token = 40 + b * d + 8 + (d if dims.dropout > 0 else 0) + 3 * b * d + 8
+    end_of_forward = 2 * b * t * d
+    shared = t * per_token + batch.num_rows * batch.max_len  # + the bool key mask
+    linear = dims.num_blocks * pt * per_padded + shared + end_of_forward
+    quad = dims.num_blocks * h * ps * quad_entry
+    return {"activations": linear, "attention": quad, "backward": 22 * t * d}
+
+
 def _checkpointed(kept: int, end_of_forward: int, working: int) -> dict[str, int]:
     """Activation terms under checkpointing.
 
@@ -555,9 +682,16 @@ def _checkpointed(kept: int, end_of_forward: int, working: int) -> dict[str, int
 # A model family provides its activation term here, keyed by model.name (TIGER adds its own):
 # fn(dims, batch, dtype_bytes, checkpointing, has_timestamps) -> {"activations": bytes kept for
 # backward, linear in the tokens; "attention": the part quadratic in the lengths; with checkpointing
-# also "recompute": how much more a recomputed layer holds in backward (see _checkpointed)}.
+# also "recompute": how much more a recomputed layer holds in backward (see _checkpointed);
+# optionally "backward": backward's extra at its peak, which comes after the loss buffers are freed,
+# so the family charges max(0, backward - loss) as the "backward" term (GRU4Rec, BERT4Rec)}.
 ActivationFn = Callable[..., dict]
-ACTIVATION_MODELS: dict[str, ActivationFn] = {"hstu": hstu_activations, "sasrec": sasrec_activations}
+ACTIVATION_MODELS: dict[str, ActivationFn] = {
+    "hstu": hstu_activations,
+    "sasrec": sasrec_activations,
+    "gru4rec": gru4rec_activations,
+    "bert4rec": bert4rec_activations,
+}
 
 
 # ------------------------------------------------------------------------------------ the total
@@ -645,11 +779,14 @@ class FamilyMemory(abc.ABC):
 
 
 class RetrievalMemory(FamilyMemory):
-    """HSTU and SASRec under the retrieval task: an item table, the encoder, a softmax over items."""
+    """HSTU, SASRec and GRU4Rec under the retrieval task: an item table, the encoder, a softmax over
+    items (BERT4Rec's ``Bert4RecMemory`` in ``train/tasks/bert4rec.py`` builds on it)."""
 
     def __init__(self, dims: ModelDims, negatives: str, num_negatives: int):
         self.dims, self.negatives, self.num_negatives = dims, negatives, num_negatives
         self.name, self.max_seq_len = dims.name, dims.max_seq_len
+        # checkpoint_layers wraps HSTU layers and SASRec blocks; a GRU has none.
+        self.supports_checkpointing = dims.name in ("hstu", "sasrec")
 
     @classmethod
     def from_config(cls, cfg) -> RetrievalMemory:
@@ -683,8 +820,11 @@ class RetrievalMemory(FamilyMemory):
             ACTIVATION_MODELS[dims.name](dims, batch, dtype_bytes, checkpointing, has_timestamps, **kwargs)
         )
         recompute = act.pop("recompute", 0)
+        backward = act.pop("backward", None)
         terms.update(act)
         terms["loss"] = loss_bytes(batch, dims.embedding_dim, neg, k, num_items)
+        if backward is not None:  # backward's extra, alive once the loss buffers are freed
+            terms["backward"] = max(0, backward - terms["loss"])
         if checkpointing:
             # Recomputed layers live after the loss buffers are freed, beside the target and negative
             # rows' gradients (see _checkpointed).
@@ -698,13 +838,17 @@ class RetrievalMemory(FamilyMemory):
 
     def step_flops(self, batch: BatchShape, num_items: int) -> float:
         """``6 P_layers T + 6 L (E + F) S + 6 T C D`` (matmuls, attention over the padded pairs S, the
-        loss over C scored items per position)."""
+        loss over C scored items per position). GRU4Rec: ``6 P_gru T_padded + 6 P_out T + 6 T C D``
+        (the GRU steps over every padded position; no attention)."""
         dims, t = self.dims, batch.num_tokens
+        scored = t if self.negatives == "in_batch" else self.num_negatives
+        scored = num_items if self.negatives == "full" else scored
+        if dims.name == "gru4rec":
+            gru = 6 * sum(dims.layer_params()) * batch.padded_tokens
+            return gru + 6 * dims.head_params() * t + 6 * t * scored * dims.embedding_dim
         p_layers = dims.num_params() - dims.max_seq_len * dims.embedding_dim
         e = dims.num_heads * dims.attention_dim if dims.name == "hstu" else dims.embedding_dim
         f = dims.num_heads * dims.linear_dim if dims.name == "hstu" else dims.embedding_dim
-        scored = t if self.negatives == "in_batch" else self.num_negatives
-        scored = num_items if self.negatives == "full" else scored
         flops = 6 * p_layers * t + 6 * dims.num_blocks * (e + f) * batch.padded_squares
         return flops + 6 * t * scored * dims.embedding_dim
 

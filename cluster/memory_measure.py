@@ -1,6 +1,7 @@
 """Measure one real training step's memory by term, to validate ``cluster/memory.py``.
 
-``measure_dense_step`` runs the real encoder (``train.models.build_encoder``), the real loss
+``measure_dense_step`` runs the real encoder (``train.models.build_encoder``; BERT4Rec's
+``train.models.bert4rec.Bert4Rec``), the real loss
 (``train/models/losses.py``) and AdamW for one forward/backward/step under PyTorch's
 ``MemTracker`` (``torch.distributed._tools.mem_tracker``), which attributes every live tensor to
 parameters, gradients, optimizer state or activations and records the peak. With ``fake=True`` the
@@ -35,18 +36,33 @@ class MeasuredStep:
     cuda_peak: int | None = None
 
 
-def _model_config(dims: ModelDims):
+def _build_encoder(dims: ModelDims) -> torch.nn.Module:
+    """The real encoder ``dims`` describes (HSTU, SASRec, GRU4Rec or BERT4Rec)."""
+    from train.models import build_encoder
+    from train.models.bert4rec import Bert4Rec
     from train.models.config import ModelConfig
 
+    if dims.name == "gru4rec":  # a GRU: num_blocks layers of linear_dim (hidden_size)
+        return build_encoder(
+            ModelConfig(
+                name="gru4rec", embedding_dim=dims.embedding_dim, hidden_size=dims.linear_dim,
+                num_layers=dims.num_blocks, dropout=dims.dropout, hidden_dropout=dims.hidden_dropout,
+                max_seq_len=dims.max_seq_len,
+            )
+        )  # fmt: skip
     shared = dict(
         embedding_dim=dims.embedding_dim, num_blocks=dims.num_blocks, num_heads=dims.num_heads,
         dropout=dims.dropout, attn_dropout=dims.attn_dropout, max_seq_len=dims.max_seq_len,
     )  # fmt: skip
+    if dims.name == "bert4rec":  # not a next-item encoder: its task builds it directly
+        return Bert4Rec(ModelConfig(name="bert4rec", ffn_dim=dims.linear_dim, **shared))
     if dims.name == "sasrec":
-        return ModelConfig(name="sasrec", ffn_dim=dims.linear_dim, **shared)
-    return ModelConfig(
-        name="hstu", attention_dim=dims.attention_dim, linear_dim=dims.linear_dim,
-        use_position_bias=dims.use_position_bias, use_time_bias=dims.use_time_bias, **shared,
+        return build_encoder(ModelConfig(name="sasrec", ffn_dim=dims.linear_dim, **shared))
+    return build_encoder(
+        ModelConfig(
+            name="hstu", attention_dim=dims.attention_dim, linear_dim=dims.linear_dim,
+            use_position_bias=dims.use_position_bias, use_time_bias=dims.use_time_bias, **shared,
+        )
     )  # fmt: skip
 
 
@@ -103,12 +119,17 @@ def measure_dense_step(
     fake: bool = False,
     device: str = "cpu",
     seed: int = 0,
+    loss_positions: list[int] | None = None,
 ) -> MeasuredStep:
-    """One forward/backward/AdamW step of the real encoder + loss on a batch of ``lengths``."""
+    """One forward/backward/AdamW step of the real encoder + loss on a batch of ``lengths``.
+
+    ``loss_positions``: the jagged positions the loss is taken at (BERT4Rec's masked items, as its
+    task indexes them out of the encoder's output); default every position (next-item retrieval).
+    The looked-up rows then hold inputs, one target per loss position and the negatives.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    from train.models import build_encoder
     from train.models.losses import full_softmax_loss, in_batch_softmax_loss, sampled_softmax_loss
 
     torch.manual_seed(seed)
@@ -118,7 +139,7 @@ def measure_dense_step(
         previous = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # build in the step's dtype (.to() cannot swap fake parameters)
         try:
-            encoder = build_encoder(_model_config(dims))
+            encoder = _build_encoder(dims)
         finally:
             torch.set_default_dtype(previous)
         if dev.type != "cpu":
@@ -127,28 +148,37 @@ def measure_dense_step(
             checkpoint_layers(encoder)
         optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-3, foreach=False)
         num_tokens = sum(lengths)
+        positions = list(range(num_tokens)) if loss_positions is None else list(loss_positions)
+        num_targets = len(positions)
         offsets = torch.tensor([0, *itertools.accumulate(lengths)], device=dev)
         max_len = max(lengths)
         d = dims.embedding_dim
         # The lookup's output: what the sharded table hands the dense side (inputs, targets, negatives).
-        num_neg_rows = {"shared": num_negatives, "per_position": num_tokens * num_negatives,
+        num_neg_rows = {"shared": num_negatives, "per_position": num_targets * num_negatives,
                         "full": num_items, "in_batch": 0}[negatives]  # fmt: skip
-        rows = torch.randn(2 * num_tokens + num_neg_rows, d, device=dev, requires_grad=True)
-        targets = torch.randint(1, num_items + 1, (num_tokens,), device=dev)
+        rows = torch.randn(num_tokens + num_targets + num_neg_rows, d, device=dev, requires_grad=True)
+        targets = torch.randint(1, num_items + 1, (num_targets,), device=dev)
+        selected = None
+        if loss_positions is not None:
+            selected = torch.zeros(num_tokens, dtype=torch.bool, device=dev)
+            selected[torch.tensor(positions, dtype=torch.long, device=dev)] = True
 
         def step() -> None:
             seq = rows[:num_tokens].to(dtype)
-            tgt = rows[num_tokens : 2 * num_tokens]
-            neg = rows[2 * num_tokens :]
-            query = encoder(seq, offsets, max_len).float()
+            tgt = rows[num_tokens : num_tokens + num_targets]
+            neg = rows[num_tokens + num_targets :]
+            query = encoder(seq, offsets, max_len)
+            if selected is not None:  # BERT4Rec's task: the loss sees the masked positions only
+                query = query[selected]
+            query = query.float()
             if negatives == "in_batch":
                 loss, _ = in_batch_softmax_loss(query, tgt, targets, 0.05)
             elif negatives == "full":
                 loss, _ = full_softmax_loss(query, neg, targets, 0.05)
             else:
                 if negatives == "per_position":
-                    neg = neg.view(num_tokens, num_negatives, d)
-                    neg_ids = torch.randint(1, num_items + 1, (num_tokens, num_negatives), device=dev)
+                    neg = neg.view(num_targets, num_negatives, d)
+                    neg_ids = torch.randint(1, num_items + 1, (num_targets, num_negatives), device=dev)
                 else:
                     neg_ids = torch.randint(1, num_items + 1, (num_negatives,), device=dev)
                 loss, _ = sampled_softmax_loss(query, tgt, targets, neg, neg_ids, 0.05)

@@ -133,6 +133,47 @@ def test_num_params_matches_the_real_module(name):
     assert dims.num_params() == sum(p.numel() for p in build_encoder(cfg).parameters())
 
 
+@pytest.mark.parametrize("num_layers", [1, 3])
+def test_gru4rec_num_params_matches_the_real_module(num_layers):
+    from train.models import build_encoder
+    from train.models.config import ModelConfig
+
+    cfg = ModelConfig(name="gru4rec", embedding_dim=48, hidden_size=40, num_layers=num_layers)
+    dims = ModelDims("gru4rec", 48, num_layers, 1, 0, 40, cfg.max_seq_len)
+    assert dims.num_params() == sum(p.numel() for p in build_encoder(cfg).parameters())
+
+
+def test_bert4rec_num_params_matches_the_real_module():
+    from train.models.bert4rec import Bert4Rec
+    from train.models.config import ModelConfig
+
+    cfg = ModelConfig(name="bert4rec", embedding_dim=48, num_blocks=3, num_heads=2, ffn_dim=40)
+    dims = ModelDims("bert4rec", 48, 3, 2, 0, 40, cfg.max_seq_len)
+    assert dims.num_params() == sum(p.numel() for p in Bert4Rec(cfg).parameters())
+
+
+@pytest.mark.parametrize("config", ["configs/gru4rec_ml1m.yaml", "configs/bert4rec_ml1m.yaml"])
+def test_gru4rec_and_bert4rec_memory_models_from_their_configs(config):
+    """The task registry hands out their memory models; neither offers activation checkpointing."""
+    from cluster.memory import family_memory
+
+    cfg = load_train_config(config)
+    family = family_memory(cfg)
+    assert family.num_params() == model_dims(cfg).num_params() > 0
+    assert not family.supports_checkpointing
+    batch = family.batch_bound(4096)
+    est = estimate_memory(cfg, world_size=8, local_world_size=8, num_items=3706, batch=batch, family=family)
+    assert est.terms["activations"] > 0 and est.terms["loss"] > 0
+    with pytest.raises(ValueError, match="checkpointing is not available"):
+        estimate_memory(
+            cfg, world_size=8, local_world_size=8, num_items=3706, batch=batch, checkpointing=True
+        )
+    if cfg.model.name == "bert4rec":
+        assert family.table_shape(3706) == (3708, 64)  # padding, items, the mask row
+        # The loss is over the masked positions: p T + one per row + 4 binomial standard deviations.
+        assert 0.2 * 4096 < family.masked_bound(batch) < 0.25 * 4096
+
+
 def test_model_dims_reads_the_config():
     cfg = load_train_config("configs/hstu_large_ml1m.yaml")
     dims = model_dims(cfg)
@@ -163,22 +204,33 @@ def test_parse_bytes():
 
 
 @pytest.mark.parametrize(
-    "name, lengths, negatives",
+    "name, lengths, negatives, loss_every",
     [
-        ("hstu", [200] * 12 + [40] * 30, "shared"),  # attention-heavy
-        ("hstu", [12] * 200, "full"),  # linear-heavy, full softmax
-        ("sasrec", [60] * 40, "in_batch"),
+        ("hstu", [200] * 12 + [40] * 30, "shared", 1),  # attention-heavy
+        ("hstu", [12] * 200, "full", 1),  # linear-heavy, full softmax
+        ("sasrec", [60] * 40, "in_batch", 1),
+        ("gru4rec", [60] * 20 + [15] * 20, "shared", 1),  # padding-heavy: the peak is in backward
+        ("gru4rec", [50] * 30, "full", 1),  # the peak is at the loss
+        ("bert4rec", [60] * 20 + [15] * 20, "full", 5),  # a loss at every 5th position (the masks)
+        ("bert4rec", [100] * 20, "shared", 5),
     ],
 )
-def test_activation_and_loss_terms_match_memtracker(name, lengths, negatives):
-    """Predicted activations + attention + loss within 10% of MemTracker's measured peak activations."""
+def test_activation_and_loss_terms_match_memtracker(name, lengths, negatives, loss_every):
+    """Predicted activations + attention + loss within 10% of MemTracker's measured peak activations
+    (GRU4Rec, BERT4Rec: + the larger of the loss and backward's extra, which comes after it)."""
+    import dataclasses
+
     from cluster.memory_measure import measure_dense_step
 
     dims = ModelDims(name, 32, 2, 2, 16, 16, 256)
-    measured = measure_dense_step(dims, lengths, negatives=negatives, num_negatives=64, num_items=500)
+    positions = list(range(0, sum(lengths), loss_every))
+    measured = measure_dense_step(dims, lengths, negatives=negatives, num_negatives=64, num_items=500,
+                                  loss_positions=None if loss_every == 1 else positions)  # fmt: skip
     batch = BatchShape.from_lengths(lengths, name)
     act = ACTIVATION_MODELS[name](dims, batch, 4, False)
-    predicted = act["activations"] + act["attention"] + loss_bytes(batch, 32, negatives, 64, 500)
+    targets = dataclasses.replace(batch, num_tokens=len(positions))
+    loss = loss_bytes(targets, 32, negatives, 64, 500)
+    predicted = act["activations"] + act["attention"] + max(loss, act.get("backward", 0))
     assert abs(predicted - measured.activations) / measured.activations < 0.10, (predicted, measured)
     # The persistent dense state: fp32 params and AdamW's two moments (+ step counters).
     dense = dense_bytes(dims.num_params(), 0, 1, "fp32")

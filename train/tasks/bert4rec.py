@@ -25,10 +25,22 @@ Shapes: T tokens (jagged), B rows, M masked positions, D embedding dim, I items.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cluster.memory import (
+    ACTIVATION_MODELS,
+    BatchShape,
+    FamilyMemory,
+    RetrievalMemory,
+    lookup_bytes,
+    loss_bytes,
+    model_dims,
+)
 from train.batch import ModelInputs, SequenceBatch, split_inputs_targets
 from train.embeddings import ShardedItemTable, build_table, gather_full_table
 from train.models.bert4rec import Bert4Rec
@@ -111,6 +123,84 @@ def append_mask(ids_T: Tensor, offsets_B1: Tensor, max_seq_len: int, mask_id: in
     return out, new_offsets
 
 
+class Bert4RecMemory(RetrievalMemory):
+    """BERT4Rec's per-rank memory terms (``cluster/memory.py``): the retrieval task's, with a table of
+    ``num_items + 2`` rows (the mask row), the bidirectional encoder's activations
+    (``bert4rec_activations``) and the loss over the masked positions only.
+
+    The masked count M of a batch is random; planning uses the bound ``masked_bound``. BERT4Rec has
+    no activation checkpointing (``schedule.activation_checkpointing`` covers HSTU and SASRec).
+    """
+
+    supports_checkpointing = False
+
+    def __init__(self, dims, negatives: str, num_negatives: int, mask_prob: float):
+        super().__init__(dims, negatives, num_negatives)
+        self.mask_prob = mask_prob
+
+    @classmethod
+    def from_config(cls, cfg) -> Bert4RecMemory:
+        return cls(model_dims(cfg), cfg.loss.negatives, cfg.loss.num_negatives, cfg.model.mask_prob)
+
+    def table_shape(self, num_items: int) -> tuple[int, int]:
+        return num_items + 2, self.dims.embedding_dim
+
+    def masked_bound(self, batch: BatchShape) -> int:
+        """An upper bound on the masked positions of ``batch``: ``p T + B + 4 sqrt(p (1 - p) T)``,
+        at most T.
+
+        ``cloze_mask`` masks each of the T items with probability p (binomial: mean p T, standard
+        deviation sqrt(p (1 - p) T); 4 of them are exceeded with probability ~3e-5), and a row that
+        draws none gets its last item masked, at most one more per row (B rows). For a budget
+        ``batch_bound`` assumes rows of max_seq_len; a budget filled with short rows has more rows,
+        hence more forced masks (rows of 2 items: (2p + (1 - p)^2) / 2 of T).
+        """
+        t, p = batch.num_tokens, self.mask_prob
+        return min(t, math.ceil(p * t + batch.num_rows + 4 * math.sqrt(p * (1 - p) * t)))
+
+    def step_terms(
+        self, batch: BatchShape, *, num_items: int, dtype_bytes: int, checkpointing: bool,
+        has_timestamps: bool, device_type: str,
+    ) -> dict[str, int]:  # fmt: skip
+        if checkpointing:
+            raise ValueError("model.name=bert4rec: activation checkpointing is not available")
+        dims, neg, k = self.dims, self.negatives, self.num_negatives
+        masked = self.masked_bound(batch)
+        rows, _ = self.table_shape(num_items)
+        terms = {
+            "lookup": lookup_bytes(batch, dims.embedding_dim, neg, k, num_items, masked, rows),
+        }
+        # CUDA takes the memory-efficient kernel (it accepts the key mask and attention dropout);
+        # the CPU takes its flash kernel unless there is attention dropout.
+        flash = device_type == "cuda" or dims.attn_dropout == 0
+        act = dict(ACTIVATION_MODELS["bert4rec"](dims, batch, dtype_bytes, False, flash=flash))
+        backward = act.pop("backward")
+        terms.update(act)
+        terms["loss"] = loss_bytes(
+            dataclasses.replace(batch, num_tokens=masked), dims.embedding_dim, neg, k, num_items
+        )
+        terms["backward"] = max(0, backward - terms["loss"])
+        return terms
+
+    def step_flops(self, batch: BatchShape, num_items: int) -> float:
+        """``6 P_blocks T_padded + 12 L D S + 6 P_head T + 6 M C D``: the blocks run on the padded
+        batch, attention (Q K^T and the weighted sum, width D) over the padded pairs S, the head over
+        the T real tokens, the loss over C scored items at the M masked positions."""
+        dims, t = self.dims, batch.num_tokens
+        masked = self.masked_bound(batch)
+        scored = masked if self.negatives == "in_batch" else self.num_negatives
+        scored = num_items if self.negatives == "full" else scored
+        flops = 6 * sum(dims.layer_params()) * batch.padded_tokens
+        flops += 12 * dims.num_blocks * dims.embedding_dim * batch.padded_squares
+        return flops + 6 * dims.head_params() * t + 6 * masked * scored * dims.embedding_dim
+
+    def lookup_rows(self, batch: BatchShape, num_items: int) -> int:
+        masked = self.masked_bound(batch)
+        negs = {"shared": self.num_negatives, "per_position": masked * self.num_negatives,
+                "full": num_items, "in_batch": 0}[self.negatives]  # fmt: skip
+        return min(batch.num_tokens + masked + negs, num_items + 2)
+
+
 class Bert4RecTask(RetrievalTask):
     """The item table with a mask row + a bidirectional encoder, trained to recover masked items."""
 
@@ -122,6 +212,10 @@ class Bert4RecTask(RetrievalTask):
         self.model_cfg: Bert4RecConfig = cfg.model
         self.model_cfg.validate()
         self.mask_id = self.num_items + 1
+
+    @classmethod
+    def memory_model(cls, cfg) -> FamilyMemory:
+        return Bert4RecMemory.from_config(cfg)
 
     def build_tables(self) -> dict[str, ShardedItemTable]:
         # Row 0 padding, 1..I items, I + 1 the mask token. Negatives and scores use rows 1..I only.
