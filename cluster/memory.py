@@ -74,6 +74,7 @@ Everything here is pure arithmetic (no tensors), so the planner can call it thou
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -812,17 +813,20 @@ class RetrievalMemory(FamilyMemory):
         has_timestamps: bool, device_type: str,
     ) -> dict[str, int]:  # fmt: skip
         dims, neg, k = self.dims, self.negatives, self.num_negatives
-        terms = {"lookup": lookup_bytes(batch, dims.embedding_dim, neg, k, num_items)}
-        # SASRec's fused kernels (flash on CUDA, CPU flash without attention dropout) keep no [N, N] tensor.
+        targets, (rows, _) = self.loss_positions(batch), self.table_shape(num_items)
+        terms = {"lookup": lookup_bytes(batch, dims.embedding_dim, neg, k, num_items, targets, rows)}
+        # Fused attention kernels (flash / memory-efficient on CUDA, CPU flash without attention
+        # dropout) keep no [N, N] tensor.
         flash = device_type == "cuda" or dims.attn_dropout == 0
-        kwargs = {"flash": flash} if dims.name == "sasrec" else {}
+        kwargs = {"flash": flash} if dims.name in ("sasrec", "bert4rec") else {}
         act = dict(
             ACTIVATION_MODELS[dims.name](dims, batch, dtype_bytes, checkpointing, has_timestamps, **kwargs)
         )
         recompute = act.pop("recompute", 0)
         backward = act.pop("backward", None)
         terms.update(act)
-        terms["loss"] = loss_bytes(batch, dims.embedding_dim, neg, k, num_items)
+        loss_batch = dataclasses.replace(batch, num_tokens=targets)  # the loss sees its positions only
+        terms["loss"] = loss_bytes(loss_batch, dims.embedding_dim, neg, k, num_items)
         if backward is not None:  # backward's extra, alive once the loss buffers are freed
             terms["backward"] = max(0, backward - terms["loss"])
         if checkpointing:
@@ -832,9 +836,14 @@ class RetrievalMemory(FamilyMemory):
             terms["recompute"] = max(0, recompute + pending - terms["loss"])
         return terms
 
+    def loss_positions(self, batch: BatchShape) -> int:
+        """Positions the loss is taken at (one target each): every input position for next-item
+        retrieval; BERT4Rec's masked ones (``Bert4RecMemory``)."""
+        return batch.num_tokens
+
     def _negatives(self, batch: BatchShape, num_items: int) -> int:
-        t, k = batch.num_tokens, self.num_negatives
-        return {"shared": k, "per_position": t * k, "in_batch": 0, "full": num_items}[self.negatives]
+        n, k = self.loss_positions(batch), self.num_negatives
+        return {"shared": k, "per_position": n * k, "in_batch": 0, "full": num_items}[self.negatives]
 
     def step_flops(self, batch: BatchShape, num_items: int) -> float:
         """``6 P_layers T + 6 L (E + F) S + 6 T C D`` (matmuls, attention over the padded pairs S, the
@@ -853,7 +862,9 @@ class RetrievalMemory(FamilyMemory):
         return flops + 6 * t * scored * dims.embedding_dim
 
     def lookup_rows(self, batch: BatchShape, num_items: int) -> int:
-        return min(2 * batch.num_tokens + self._negatives(batch, num_items), num_items + 1)
+        """Inputs, one target per loss position and the negatives, at most the table's rows."""
+        looked_up = batch.num_tokens + self.loss_positions(batch) + self._negatives(batch, num_items)
+        return min(looked_up, self.table_shape(num_items)[0])
 
 
 def family_memory(cfg) -> FamilyMemory:

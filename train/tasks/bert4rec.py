@@ -25,22 +25,13 @@ Shapes: T tokens (jagged), B rows, M masked positions, D embedding dim, I items.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cluster.memory import (
-    ACTIVATION_MODELS,
-    BatchShape,
-    FamilyMemory,
-    RetrievalMemory,
-    lookup_bytes,
-    loss_bytes,
-    model_dims,
-)
+from cluster.memory import BatchShape, FamilyMemory, RetrievalMemory, model_dims
 from train.batch import ModelInputs, SequenceBatch, split_inputs_targets
 from train.embeddings import ShardedItemTable, build_table, gather_full_table
 from train.models.bert4rec import Bert4Rec
@@ -158,29 +149,8 @@ class Bert4RecMemory(RetrievalMemory):
         t, p = batch.num_tokens, self.mask_prob
         return min(t, math.ceil(p * t + batch.num_rows + 4 * math.sqrt(p * (1 - p) * t)))
 
-    def step_terms(
-        self, batch: BatchShape, *, num_items: int, dtype_bytes: int, checkpointing: bool,
-        has_timestamps: bool, device_type: str,
-    ) -> dict[str, int]:  # fmt: skip
-        if checkpointing:
-            raise ValueError("model.name=bert4rec: activation checkpointing is not available")
-        dims, neg, k = self.dims, self.negatives, self.num_negatives
-        masked = self.masked_bound(batch)
-        rows, _ = self.table_shape(num_items)
-        terms = {
-            "lookup": lookup_bytes(batch, dims.embedding_dim, neg, k, num_items, masked, rows),
-        }
-        # CUDA takes the memory-efficient kernel (it accepts the key mask and attention dropout);
-        # the CPU takes its flash kernel unless there is attention dropout.
-        flash = device_type == "cuda" or dims.attn_dropout == 0
-        act = dict(ACTIVATION_MODELS["bert4rec"](dims, batch, dtype_bytes, False, flash=flash))
-        backward = act.pop("backward")
-        terms.update(act)
-        terms["loss"] = loss_bytes(
-            dataclasses.replace(batch, num_tokens=masked), dims.embedding_dim, neg, k, num_items
-        )
-        terms["backward"] = max(0, backward - terms["loss"])
-        return terms
+    def loss_positions(self, batch: BatchShape) -> int:
+        return self.masked_bound(batch)
 
     def step_flops(self, batch: BatchShape, num_items: int) -> float:
         """``6 P_blocks T_padded + 12 L D S + 6 P_head T + 6 M C D``: the blocks run on the padded
@@ -193,12 +163,6 @@ class Bert4RecMemory(RetrievalMemory):
         flops = 6 * sum(dims.layer_params()) * batch.padded_tokens
         flops += 12 * dims.num_blocks * dims.embedding_dim * batch.padded_squares
         return flops + 6 * dims.head_params() * t + 6 * masked * scored * dims.embedding_dim
-
-    def lookup_rows(self, batch: BatchShape, num_items: int) -> int:
-        masked = self.masked_bound(batch)
-        negs = {"shared": self.num_negatives, "per_position": masked * self.num_negatives,
-                "full": num_items, "in_batch": 0}[self.negatives]  # fmt: skip
-        return min(batch.num_tokens + masked + negs, num_items + 2)
 
 
 class Bert4RecTask(RetrievalTask):
