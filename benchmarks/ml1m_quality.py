@@ -16,8 +16,15 @@ runs/<model>_<dataset>). Then it prints one row per run beside the published row
 our hr@k with one target) with, per run: the loss (function and negatives), the training split,
 epochs and the best epoch (the selected checkpoint's, or the best point of a test curve), wall time,
 the median training tokens/s, and the parameter counts (dense, tables, total) when the run recorded
-them. Writes benchmarks/results/<dataset>_quality.json and a plot of HR@10 against wall time (and
-against epoch) for every run, benchmarks/results/<dataset>_quality.png.
+them. Writes benchmarks/results/<dataset>_quality.json (the rows and every run's HR@10 curve) and a
+plot of HR@10 against wall time (and against epoch) for every run, benchmarks/results/<dataset>_quality.png.
+
+``--archive FILE`` (a JSON this script wrote) adds the rows and curves of runs whose directories are
+gone: run directories do not outlive a machine, so the results docs keep the report's JSON beside
+their plots (docs/*_lineage_runs.json) and the tables and plots can be redrawn with new runs added:
+
+    python benchmarks/ml1m_quality.py --report-only --models --archive docs/ml1m_lineage_runs.json \
+        --run bert4rec=runs/bert4rec_ml1m
 
 The curve of a run is the split it evaluated during training: test under ``data.train_split=
 train_valid`` (ML-1M's reference protocol: a curve only, never a decision) and valid under
@@ -179,8 +186,7 @@ def run_row(name: str, run_dir: Path, dataset: Dataset) -> dict:
         t: time_to(curve, dataset.published[t]["hr@10"])[0] if on_test else None
         for t in dataset.reach_targets
     }
-    source = str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir)
-    return {"model": name, "source": source, **{k: final["test"].get(k) for k in dataset.keys},
+    return {"model": name, "source": _source(run_dir), **{k: final["test"].get(k) for k in dataset.keys},
             "epochs": final.get("epochs"), "best_epoch": selected[1] if selected else None,
             "negatives": config.loss.describe(), "loss_function": config.loss.function,
             "table_optimizer": config.embeddings.optimizer, "train_split": train_split, "curve_split": split,
@@ -193,10 +199,16 @@ def run_row(name: str, run_dir: Path, dataset: Dataset) -> dict:
             "best_curve_hr@10": best[2], "best_curve_epoch": best[0]}  # fmt: skip
 
 
-def build_rows(runs: list[tuple[str, Path]], dataset: Dataset) -> list[dict]:
-    """One row per finished run (model name, run dir), each model's published row after its runs."""
+def _source(run_dir: Path) -> str:
+    return str(run_dir.relative_to(ROOT)) if run_dir.is_relative_to(ROOT) else str(run_dir)
+
+
+def build_rows(runs: list[tuple[str, Path]], dataset: Dataset, archived: list[dict] = ()) -> list[dict]:
+    """One row per finished run (model name, run dir) and per ``archived`` row (``read_archive``), each
+    model's published row after its runs."""
     rows = []
-    for name in dict.fromkeys(name for name, _ in runs):
+    for name in dict.fromkeys([*(name for name, _ in runs), *(r["model"] for r in archived)]):
+        rows.extend(r for r in archived if r["model"] == name)
         for model, run_dir in runs:
             if model != name:
                 continue
@@ -249,9 +261,11 @@ def format_table(rows: list[dict], dataset: Dataset) -> str:
     return "\n".join(lines)
 
 
-def report(runs: list[tuple[str, Path]], dataset: Dataset = DATASETS["ml1m"]) -> list[dict]:
-    """Print the table of ``runs`` beside the published rows; return its rows."""
-    rows = build_rows(runs, dataset)
+def report(
+    runs: list[tuple[str, Path]], dataset: Dataset = DATASETS["ml1m"], archived: list[dict] = ()
+) -> list[dict]:
+    """Print the table of ``runs`` (and ``archived`` rows) beside the published rows; return its rows."""
+    rows = build_rows(runs, dataset, archived)
     print(format_table(rows, dataset))
     return rows
 
@@ -285,7 +299,8 @@ def seed_summary(rows: list[dict], keys: list[str] = KEYS) -> list[dict]:
 
 
 def curves_by_run(runs: list[tuple[str, Path]], key: str) -> list[dict]:
-    """Per run with a curve: its label, split, and ``[(epoch, minutes, value)]`` of ``<split>/<key>``."""
+    """Per run with a curve: its model, source, label, split, and ``[(epoch, minutes, value)]`` of
+    ``<split>/<key>``."""
     out = []
     for name, run_dir in runs:
         records = read_records(run_dir)
@@ -297,6 +312,7 @@ def curves_by_run(runs: list[tuple[str, Path]], key: str) -> list[dict]:
             out.append(
                 {
                     "model": name,
+                    "source": _source(run_dir),
                     "label": f"{name} ({split}): {run_dir.name}",
                     "split": split,
                     "points": points,
@@ -305,15 +321,32 @@ def curves_by_run(runs: list[tuple[str, Path]], key: str) -> list[dict]:
     return out
 
 
-def plot_curves(
-    runs: list[tuple[str, Path]], key: str, path: Path, dataset: Dataset = DATASETS["ml1m"]
-) -> Path | None:
-    """``key`` against wall time (minutes) and against epoch, one line per run that has a curve (its
+def read_archive(path: Path, dataset: Dataset, live_sources: set[str]) -> tuple[list[dict], list[dict]]:
+    """``(rows, curves)`` of the runs in a JSON this script wrote, leaving out the published rows (the
+    report adds its own) and runs also given live (their directory is the newer copy)."""
+    try:
+        archived = json.loads(path.read_text())
+        rows, curves = archived["rows"], archived["curves"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SystemExit(
+            f"--archive {path}: expected a JSON written by this script with 'rows' and 'curves' ({exc})"
+        ) from None
+    for item in [*rows, *curves]:
+        if item.get("model") not in dataset.models:
+            raise SystemExit(
+                f"--archive {path}: model {item.get('model')!r} is not a model of --dataset {dataset.suffix} "
+                f"({', '.join(dataset.models)}); was it written with another --dataset?"
+            )
+    keep = [r for r in rows if r["source"] != "published" and r["source"] not in live_sources]
+    return keep, [c for c in curves if c["source"] not in live_sources]
+
+
+def plot_curves(curves: list[dict], key: str, path: Path, dataset: Dataset = DATASETS["ml1m"]) -> Path | None:
+    """``key`` against wall time (minutes) and against epoch, one line per curve (``curves_by_run``: its
     valid or test split, in the label), with each model's published test value as a dashed line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    curves = curves_by_run(runs, key)
     if not curves:
         return None
     fig = Figure(figsize=(13, 5))
@@ -354,6 +387,8 @@ def main() -> int:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--run", action="append", default=[], metavar="MODEL=DIR",
                         help="also report this run directory as MODEL (a model of the data set)")  # fmt: skip
+    parser.add_argument("--archive", type=Path, action="append", default=[], metavar="FILE",
+                        help="also report the runs of a JSON this script wrote (rows and curves)")  # fmt: skip
     parser.add_argument("overrides", nargs="*", help="extra trainer overrides, key.sub=value")
     args = parser.parse_args()
     dataset = DATASETS[args.dataset]
@@ -377,15 +412,22 @@ def main() -> int:
         extra = list(args.overrides) + ([f"run.epochs={args.epochs}"] if args.epochs else [])
         for name in models:
             run_model(name, dataset, args.nproc, extra)
-    rows = report(runs, dataset)
-    rows += seed_summary(rows, dataset.keys)
+    live = {_source(run_dir) for _, run_dir in runs}
+    archived_rows, curves = [], []
+    for path in args.archive:
+        rows, arch_curves = read_archive(path, dataset, live)
+        archived_rows += rows
+        curves += arch_curves
+    rows = report(runs, dataset, archived_rows)
+    seeds = seed_summary(rows, dataset.keys)
+    curves += curves_by_run(runs, "hr@10")
     results = ROOT / "benchmarks" / "results"
-    figure = plot_curves(runs, "hr@10", results / f"{args.dataset}_quality.png", dataset)
+    figure = plot_curves(curves, "hr@10", results / f"{args.dataset}_quality.png", dataset)
     if figure:
         print(f"HR@10 curves against wall time and epoch: {figure}")
     out = results / f"{args.dataset}_quality.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
+    out.write_text(json.dumps({"rows": rows, "seeds": seeds, "curves": curves}, indent=2))
     print(f"rows: {out}")
     return 0
 

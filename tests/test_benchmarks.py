@@ -161,9 +161,64 @@ def test_curves_against_wall_time_use_each_runs_own_split(tmp_path):
     (curve,) = curves
     assert curve["split"] == "valid" and "(valid)" in curve["label"]
     assert curve["points"] == [(1, 70.0 / 60, 0.030), (2, 140.0 / 60, 0.061), (3, 210.0 / 60, 0.055)]
-    path = bench.plot_curves([("sasrec", valid_run)], "hr@10", tmp_path / "plot.png", beauty)
+    path = bench.plot_curves(curves, "hr@10", tmp_path / "plot.png", beauty)
     assert path.is_file() and path.stat().st_size > 1000
-    assert bench.plot_curves([("tiger", tmp_path / "absent")], "hr@10", tmp_path / "none.png", beauty) is None
+    assert bench.plot_curves([], "hr@10", tmp_path / "none.png", beauty) is None
+
+
+def run_report(argv: list[str], monkeypatch) -> dict:
+    """``main()`` of the report with ``argv``; the JSON it wrote (under a temporary results folder)."""
+    monkeypatch.setattr(bench.sys, "argv", ["ml1m_quality.py", *argv])
+    assert bench.main() == 0
+    return json.loads((bench.ROOT / "benchmarks" / "results" / "beauty_quality.json").read_text())
+
+
+def test_an_archived_report_brings_back_rows_and_curves_of_runs_that_are_gone(tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(bench, "ROOT", tmp_path / "root")  # the report writes under ROOT/benchmarks/results
+    bench.ROOT.mkdir()
+    monkeypatch.chdir(bench.ROOT)  # main() changes into ROOT; the test's working directory comes back after
+    run = beauty_run(tmp_path)
+    first = run_report(
+        ["--dataset", "beauty", "--report-only", "--models", "--run", f"sasrec={run}"], monkeypatch
+    )
+    (ours, published) = first["rows"]
+    assert ours["source"] == str(run) and published["source"] == "published"
+    (curve,) = first["curves"]
+    assert curve["source"] == str(run) and curve["points"] == [[1, 70.0 / 60, 0.030], [2, 140.0 / 60, 0.061],
+                                                               [3, 210.0 / 60, 0.055]]  # fmt: skip
+    archive = tmp_path / "archive.json"
+    shutil.copy(bench.ROOT / "benchmarks" / "results" / "beauty_quality.json", archive)
+    shutil.rmtree(run)  # the machine was wiped
+
+    again = run_report(
+        ["--dataset", "beauty", "--report-only", "--models", "--archive", str(archive)], monkeypatch
+    )
+    assert again["rows"] == first["rows"] and again["curves"] == first["curves"]
+    assert (bench.ROOT / "benchmarks" / "results" / "beauty_quality.png").stat().st_size > 1000
+
+    # A live run of the same directory replaces its archived row and curve rather than doubling them.
+    run = beauty_run(tmp_path)
+    live = run_report(["--dataset", "beauty", "--report-only", "--models", "--run", f"sasrec={run}", "--archive",
+                       str(archive)], monkeypatch)  # fmt: skip
+    assert live["rows"] == first["rows"] and live["curves"] == first["curves"]
+
+
+def test_an_archive_of_another_data_set_or_format_is_refused_in_one_line(tmp_path, monkeypatch):
+    import pytest
+
+    beauty = bench.DATASETS["beauty"]
+    wrong_model = tmp_path / "ml1m.json"
+    wrong_model.write_text(json.dumps({"rows": [{"model": "hstu_large", "source": "runs/x"}], "curves": []}))
+    with pytest.raises(SystemExit, match="hstu_large.*not a model of --dataset beauty"):
+        bench.read_archive(wrong_model, beauty, set())
+    old_format = tmp_path / "old.json"
+    old_format.write_text(
+        json.dumps([{"model": "sasrec", "source": "runs/x"}])
+    )  # a list: the old report's JSON
+    with pytest.raises(SystemExit, match="expected a JSON written by this script with 'rows' and 'curves'"):
+        bench.read_archive(old_format, beauty, set())
 
 
 def test_seed_summary_takes_the_datasets_keys():
