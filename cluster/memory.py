@@ -11,7 +11,7 @@ the per-step ``lookup``, ``activations``, ``attention``, ``loss``, ``recompute``
 registry ``train/tasks/__init__.py``): ``RetrievalMemory`` here for HSTU, SASRec and GRU4Rec
 (below), ``Bert4RecMemory`` in ``train/tasks/bert4rec.py`` (the mask row, a loss over the masked
 positions) and ``TigerMemory`` in ``train/tasks/tiger.py``. The table, ZeRO and margin terms are
-shared. Activation checkpointing applies to HSTU and SASRec only.
+shared. Activation checkpointing applies to HSTU, SASRec and BERT4Rec (not GRU4Rec, TIGER).
 
 Terms (all per rank, the worst rank where ranks differ; the per-step ones as the retrieval task has
 them, see ``TigerMemory`` for TIGER's):
@@ -55,15 +55,15 @@ them, see ``TigerMemory`` for TIGER's):
     part (per token) in ``activations``, the part quadratic in the lengths in ``attention``.
 ``loss``
     Buffers of the loss over N positions: negatives x positions (x width for per_position).
-``backward`` (GRU4Rec, BERT4Rec)
+``backward`` (GRU4Rec, BERT4Rec without checkpointing)
     Backward's extra at its peak beyond what the forward keeps (gradients of the output stage and,
     for GRU4Rec, of the padded states), charged as its excess over ``loss``: the loss buffers are
     freed before it appears.
 ``recompute`` (activation checkpointing only)
     The working set of the layer backward is recomputing, plus the gradient flowing into it and the
-    target and negative rows' gradients, beyond the loss buffers and the normalised output: those
-    are freed before any layer is recomputed, so the peak is the larger of the two, and this term
-    is the excess.
+    target and negative rows' gradients (one target per loss position: BERT4Rec's masked ones),
+    beyond the loss buffers and the normalised output: those are freed before any layer is
+    recomputed, so the peak is the larger of the two, and this term is the excess.
 ``margin``
     Allocator fragmentation and what ``max_memory_allocated`` does not see (CUDA context, NCCL
     buffers): ``MARGIN_FRACTION`` of the sum plus ``MARGIN_FIXED_BYTES``.
@@ -380,7 +380,8 @@ def pending_rows_grad_bytes(
     The loss's backward produces them first, but the index (lookup) nodes they flow into were
     created before the encoder's, so autograd runs those last: the gradients wait, at their
     per-position size, until the encoder's backward is done (measured; the unique rows' gradient
-    only appears after it).
+    only appears after it). ``batch.num_tokens`` is the number of loss positions, one target each
+    (every input position for next-item retrieval, BERT4Rec's masked ones: ``loss_positions``).
     """
     t = batch.num_tokens
     negs = {"shared": num_negatives, "per_position": t * num_negatives, "full": num_items, "in_batch": 0}
@@ -648,13 +649,55 @@ def bert4rec_activations(
     indices (2 int64 each), the input norm's input and stats, the input dropout's bool mask, the
     head's Linear input, GELU input and LayerNorm input (3D), the normalised output and its input
     (2D). Backward's extra at its peak: as for GRU4Rec, the L2 normalisation's backward (measured,
-    5.5 fp32 [T, D]). No checkpointing: ``schedule.activation_checkpointing`` wraps HSTU / SASRec
-    layers only and the trainer refuses it for BERT4Rec.
+    5.5 fp32 [T, D]).
+
+    Checkpointing (``checkpoint_layers`` wraps each block's ``forward``) keeps each block's padded
+    input ([B, N, D]) and the input stage's tensors: the positions and pad_jagged's two indices
+    (3 int64 per token), the input norm's input and stats, the input dropout's bool mask, the key
+    mask. The output stage (the head's Linear input, GELU input, LayerNorm input and output, its
+    stats, the L2 norm (2 values per token), unpad's bool mask and the query the loss reads,
+    counted as the normalised output [T, D]: the real one, the masked [M, D] in fp32, is smaller
+    while mask_prob <= 0.5) is alive at the end of the forward pass only: the loss's and the
+    head's backward free it before the last block is recomputed. Backward then recomputes one
+    block at a time; measured with MemTracker (``tests/test_memory.py``), its working set peaks at
+    one of these points:
+
+    - the end of the block (its last LayerNorm, or that norm's backward): everything the block
+      saves but its input (Q|K|V, the attention output, the two residual sums, the first norm's
+      output: 7D; the FFN's two linear_dim tensors; the norms' stats; the dropout masks), the block's
+      output or the norm's input gradient (D) and the gradient flowing into the block (D). With the
+      math kernel also its three quadratic tensors and its contiguous copies of Q, K^T, V and of
+      the transposed output (4D more; Q|K|V and the attention output, which the fused kernel
+      saves, are then held by the block's frame, still running);
+    - the GELU's backward (linear_dim above D): the same but the second residual sum, the second
+      norm's stats and the FFN's dropout mask, with three linear_dim tensors (the first linear's
+      output and the gradients on both sides of the GELU) and the second residual sum's gradient;
+    - with the math kernel, the attention's backward: its four copies, the gradients of V and of
+      the first residual sum (6D) and four quadratic tensors (the saved three and the weights'
+      gradient).
+
+    plus the fused kernel's logsumexp and SDPA's float copy of the key mask (model dtype, B N).
+    There is no ``backward`` term: the output stage's backward (the L2 normalisation's and the
+    head's) stayed below a recomputed block in every case measured (fp32, linear_dim down to D / 4,
+    a target at every position; bf16 unmeasured). Dropout masks are counted as bool (CUDA); on
+    CPU they are in the model's dtype, which this under-counts by (dtype bytes - 1) per element.
     """
-    if checkpointing:
-        raise ValueError("model.name=bert4rec: activation checkpointing is not available")
     d, b, lin, h = dims.embedding_dim, dtype_bytes, dims.linear_dim, dims.num_heads
     t, pt, ps = batch.num_tokens, batch.padded_tokens, batch.padded_squares
+    if checkpointing:
+        drop = dims.dropout > 0
+        keys = batch.num_rows * batch.max_len  # B N: the bool key mask, unpad's bool mask
+        kept = dims.num_blocks * b * pt * d + t * (24 + b * d + 8 + (d if drop else 0)) + keys
+        end_of_forward = t * (5 * b * d + 8 + 2 * b) + keys
+        lse = 4 * h if flash else 0  # the fused kernel's logsumexp, per padded token
+        math_quad = 0 if flash else 3 * b * h * ps  # softmax, its dropout mask, the dropped copy
+        at_block_end = pt * (b * (9 * d + 2 * lin) + 16 + (2 * d if drop else 0) + lse) + math_quad
+        if not flash:
+            at_block_end += pt * 4 * b * d  # the math kernel's copies of Q, K^T, V and its output
+        at_gelu = pt * (b * (7 * d + 3 * lin) + 8 + (d if drop else 0) + lse) + math_quad
+        at_attention = 0 if flash else pt * 6 * b * d + 4 * b * h * ps
+        working = max(at_block_end, at_gelu, at_attention) + b * keys
+        return _checkpointed(kept, end_of_forward, working)
     per_padded = b * (8 * d + 2 * lin) + 16 + (2 * d if dims.dropout > 0 else 0)
     per_padded += 4 * h if flash else 0  # the fused kernel's logsumexp
     quad_entry = 0 if flash else 3 * b
@@ -685,7 +728,8 @@ def _checkpointed(kept: int, end_of_forward: int, working: int) -> dict[str, int
 # backward, linear in the tokens; "attention": the part quadratic in the lengths; with checkpointing
 # also "recompute": how much more a recomputed layer holds in backward (see _checkpointed);
 # optionally "backward": backward's extra at its peak, which comes after the loss buffers are freed,
-# so the family charges max(0, backward - loss) as the "backward" term (GRU4Rec, BERT4Rec)}.
+# so the family charges max(0, backward - loss) as the "backward" term (GRU4Rec; BERT4Rec without
+# checkpointing)}.
 ActivationFn = Callable[..., dict]
 ACTIVATION_MODELS: dict[str, ActivationFn] = {
     "hstu": hstu_activations,
@@ -831,8 +875,8 @@ class RetrievalMemory(FamilyMemory):
             terms["backward"] = max(0, backward - terms["loss"])
         if checkpointing:
             # Recomputed layers live after the loss buffers are freed, beside the target and negative
-            # rows' gradients (see _checkpointed).
-            pending = pending_rows_grad_bytes(batch, dims.embedding_dim, neg, k, num_items)
+            # rows' gradients, one target per loss position (see _checkpointed).
+            pending = pending_rows_grad_bytes(loss_batch, dims.embedding_dim, neg, k, num_items)
             terms["recompute"] = max(0, recompute + pending - terms["loss"])
         return terms
 

@@ -67,10 +67,16 @@ def _build_encoder(dims: ModelDims) -> torch.nn.Module:
 
 
 def checkpoint_layers(encoder: torch.nn.Module) -> None:
-    """Wrap every HSTU layer / SASRec block's jagged forward in ``torch.utils.checkpoint``.
+    """Wrap every layer of ``encoder`` in ``torch.utils.checkpoint`` (non-reentrant).
 
     Activation checkpointing for the schedule's ``checkpointing=True``, without touching the
-    model code: each layer then keeps only its input for backward and recomputes the rest.
+    model code: each layer then keeps only its inputs for backward and recomputes the rest. The
+    layers are ``encoder.layers`` (HSTU) or ``encoder.blocks`` (SASRec, BERT4Rec). What is wrapped is
+    the method the encoder calls per layer: ``forward_jagged`` where the layer has one (HSTU, SASRec:
+    their jagged path; the padded reference path stays unwrapped), else ``forward`` (BERT4Rec's
+    blocks, called as ``block(x_BND, keys_B11N)`` on the padded batch). ``checkpoint`` saves and
+    restores the RNG state (its default ``preserve_rng_state=True``), so dropout inside a recomputed
+    layer draws the same mask as in the forward pass.
     """
     from torch.utils.checkpoint import checkpoint
 
@@ -78,12 +84,13 @@ def checkpoint_layers(encoder: torch.nn.Module) -> None:
     if layers is None:
         raise ValueError(f"{type(encoder).__name__}: no .layers or .blocks to checkpoint")
     for layer in layers:
-        inner = layer.forward_jagged
+        name = "forward_jagged" if hasattr(layer, "forward_jagged") else "forward"
+        inner = getattr(layer, name)
 
         def wrapped(*args, _inner=inner):
             return checkpoint(_inner, *args, use_reentrant=False)
 
-        layer.forward_jagged = wrapped
+        setattr(layer, name, wrapped)
 
 
 @contextlib.contextmanager

@@ -88,7 +88,8 @@ def check_predicted_peak(plan: Plan, measured_bytes: int, tolerance: float = PEA
 
 
 def enable_activation_checkpointing(encoder: torch.nn.Module) -> None:
-    """Checkpoint every HSTU layer / SASRec block (each keeps only its input, recomputes the rest)."""
+    """Checkpoint every HSTU layer / SASRec or BERT4Rec block (each keeps only its input, recomputes
+    the rest)."""
     from cluster.memory_measure import checkpoint_layers
 
     checkpoint_layers(encoder)

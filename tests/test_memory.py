@@ -154,24 +154,32 @@ def test_bert4rec_num_params_matches_the_real_module():
 
 @pytest.mark.parametrize("config", ["configs/gru4rec_ml1m.yaml", "configs/bert4rec_ml1m.yaml"])
 def test_gru4rec_and_bert4rec_memory_models_from_their_configs(config):
-    """The task registry hands out their memory models; neither offers activation checkpointing."""
+    """The task registry hands out their memory models; BERT4Rec offers activation checkpointing
+    (its blocks are wrapped) and it shrinks the activations of a long batch, GRU4Rec does not."""
     from cluster.memory import family_memory
 
     cfg = load_train_config(config)
     family = family_memory(cfg)
     assert family.num_params() == model_dims(cfg).num_params() > 0
-    assert not family.supports_checkpointing
     batch = family.batch_bound(4096)
     est = estimate_memory(cfg, world_size=8, local_world_size=8, num_items=3706, batch=batch, family=family)
     assert est.terms["activations"] > 0 and est.terms["loss"] > 0
-    with pytest.raises(ValueError, match="checkpointing is not available"):
-        estimate_memory(
-            cfg, world_size=8, local_world_size=8, num_items=3706, batch=batch, checkpointing=True
-        )
-    if cfg.model.name == "bert4rec":
-        assert family.table_shape(3706) == (3708, 64)  # padding, items, the mask row
-        # The loss is over the masked positions: p T + one per row + 4 binomial standard deviations.
-        assert 0.2 * 4096 < family.masked_bound(batch) < 0.25 * 4096
+    if cfg.model.name == "gru4rec":
+        assert not family.supports_checkpointing
+        with pytest.raises(ValueError, match="checkpointing is not available"):
+            estimate_memory(
+                cfg, world_size=8, local_world_size=8, num_items=3706, batch=batch, checkpointing=True
+            )
+        return
+    assert family.supports_checkpointing
+    ckpt = estimate_memory(cfg, world_size=8, local_world_size=8, num_items=3706, batch=batch,
+                           checkpointing=True, family=family)  # fmt: skip
+    # 2 blocks of rows of 200: one block's input instead of everything the blocks save.
+    assert ckpt.terms["activations"] < est.terms["activations"] / 2
+    assert ckpt.terms["attention"] == 0 and "recompute" in ckpt.terms and "backward" not in ckpt.terms
+    assert family.table_shape(3706) == (3708, 64)  # padding, items, the mask row
+    # The loss is over the masked positions: p T + one per row + 4 binomial standard deviations.
+    assert 0.2 * 4096 < family.masked_bound(batch) < 0.25 * 4096
 
 
 def test_model_dims_reads_the_config():
@@ -239,29 +247,46 @@ def test_activation_and_loss_terms_match_memtracker(name, lengths, negatives, lo
 
 
 @pytest.mark.parametrize(
-    "name, heads, lengths, num_negatives",
+    "name, heads, linear_dim, dropout, lengths, num_negatives",
     [
-        ("hstu", 2, [200] * 16, 256),  # the peak is at a recomputed layer's attention weights
-        ("hstu", 4, [20] * 160, 256),  # ... at its U * norm (linear-heavy)
-        ("hstu", 2, [60] * 20, 4096),  # ... at the end of the forward pass (loss buffers)
-        ("sasrec", 1, [100] * 40, 16),  # ... at a recomputed block's FFN
+        ("hstu", 2, 32, 0.0, [200] * 16, 256),  # the peak is at a recomputed layer's attention weights
+        ("hstu", 4, 32, 0.0, [20] * 160, 256),  # ... at its U * norm (linear-heavy)
+        ("hstu", 2, 32, 0.0, [60] * 20, 4096),  # ... at the end of the forward pass (loss buffers)
+        ("sasrec", 1, 64, 0.0, [100] * 40, 16),  # ... at a recomputed block's FFN
+        # BERT4Rec, the loss at every 5th position (its masks). Without attention dropout CPU SDPA
+        # takes the fused (flash) kernel, as CUDA does: the peak is at a recomputed block's end...
+        ("bert4rec", 2, 64, 0.0, [200] * 16, 16),
+        ("bert4rec", 2, 256, 0.0, [200] * 16, 16),  # ... at its GELU's backward (ffn_dim 4D)
+        ("bert4rec", 2, 64, 0.0, [60] * 100, 4096),  # ... at the end of the forward pass (loss)
+        # With attention dropout CPU takes the math kernel: the peak is in the attention's backward.
+        ("bert4rec", 4, 64, 0.1, [256] * 8, 16),
     ],
 )
-def test_checkpointed_terms_match_memtracker(name, heads, lengths, num_negatives):
+def test_checkpointed_terms_match_memtracker(name, heads, linear_dim, dropout, lengths, num_negatives):
     """With activation checkpointing the peak is the end of the forward pass or a recomputed layer,
-    whichever holds more; predicted within 5% of MemTracker's measured peak activations."""
+    whichever holds more; predicted within 5% of MemTracker's measured peak activations. BERT4Rec's
+    loss, its pending target rows and the query the harness keeps are over its masked positions."""
+    import dataclasses
+
     from cluster.memory_measure import measure_dense_step
 
-    dims = ModelDims(name, 64, 4, heads, 32 if name == "hstu" else 64, 32 if name == "hstu" else 64, 256)
-    measured = measure_dense_step(
-        dims, lengths, num_negatives=num_negatives, num_items=2000, checkpointing=True
+    attention_dim = 32 if name == "hstu" else 64
+    dims = ModelDims(
+        name, 64, 4, heads, attention_dim, linear_dim, 256, dropout=dropout, attn_dropout=dropout
     )
+    num_tokens = sum(lengths)
+    positions = list(range(0, num_tokens, 5)) if name == "bert4rec" else list(range(num_tokens))
+    measured = measure_dense_step(dims, lengths, num_negatives=num_negatives, num_items=2000, checkpointing=True,
+                                  loss_positions=positions if name == "bert4rec" else None)  # fmt: skip
     batch = BatchShape.from_lengths(lengths, name)
-    act = ACTIVATION_MODELS[name](dims, batch, 4, True)
-    loss = loss_bytes(batch, 64, "shared", num_negatives, 2000)
-    pending = pending_rows_grad_bytes(batch, 64, "shared", num_negatives, 2000)
-    harness_query = 4 * batch.num_tokens * 64  # the harness keeps its query alive through backward
+    # CPU SDPA: the fused kernel unless there is attention dropout (as RetrievalMemory.step_terms).
+    kwargs = {"flash": dropout == 0} if name in ("sasrec", "bert4rec") else {}
+    act = ACTIVATION_MODELS[name](dims, batch, 4, True, **kwargs)
+    targets = dataclasses.replace(batch, num_tokens=len(positions))
+    loss = loss_bytes(targets, 64, "shared", num_negatives, 2000)
+    pending = pending_rows_grad_bytes(targets, 64, "shared", num_negatives, 2000)
+    harness_query = 4 * len(positions) * 64  # the harness keeps its query alive through backward
     predicted = act["activations"] + max(loss, act["recompute"] + pending + harness_query)
     assert abs(predicted - measured.activations) / measured.activations < 0.05, (predicted, measured)
-    without = ACTIVATION_MODELS[name](dims, batch, 4, False)
+    without = ACTIVATION_MODELS[name](dims, batch, 4, False, **kwargs)
     assert measured.activations < without["activations"] + without["attention"] + loss

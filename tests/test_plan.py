@@ -150,16 +150,18 @@ def test_schedule_auto_plans_and_trains(synthetic_data, tmp_path):
 @pytest.mark.parametrize("config", ["configs/gru4rec_ml1m.yaml", "configs/bert4rec_ml1m.yaml"])
 def test_gru4rec_and_bert4rec_are_plannable(config):
     """GRU4Rec and BERT4Rec have memory models (before, ``plan`` raised "model_dims covers the
-    retrieval encoders (hstu, sasrec)" for both): a fitting schedule, never with activation
-    checkpointing, whose terms re-estimate from the applied overrides."""
+    retrieval encoders (hstu, sasrec)" for both): a fitting schedule, without activation
+    checkpointing when memory is ample, whose terms re-estimate from the applied overrides.
+    GRU4Rec is never offered checkpointing; BERT4Rec is (``checkpoint_layers`` wraps its blocks)."""
     from cluster.memory import family_memory
 
     cfg = load_train_config(config)
     cluster = ClusterSpec(24 * GiB, 8, 1)
     plan = plan_schedule(cfg, cluster, num_items=3706, mean_row_len=165.0)
     assert plan.fits and plan.memory.with_margin <= cluster.gpu_memory_bytes, plan.table()
-    assert not plan.schedule.checkpointing
-    assert all(not ckpt for *_, ckpt in candidates(cfg))
+    assert not plan.schedule.checkpointing  # it would only cost time
+    offered = {ckpt for *_, ckpt in candidates(cfg)}
+    assert offered == ({False, True} if cfg.model.name == "bert4rec" else {False})
     applied = load_train_config(config, plan.overrides)
     s = plan.schedule
     family = family_memory(applied)
@@ -167,8 +169,23 @@ def test_gru4rec_and_bert4rec_are_plannable(config):
     again = estimate_memory(applied, world_size=8, local_world_size=8, num_items=3706, batch=batch,
                             has_timestamps=True, family=family)  # fmt: skip
     assert again.terms == plan.memory.terms
-    # A tight GPU makes the planner shrink the micro-batch (gradient accumulation), still fitting.
+    # A tight GPU makes the planner shrink the micro-batch (gradient accumulation) or, for BERT4Rec,
+    # checkpoint its blocks, still fitting.
     tight_bytes = int(plan.memory.with_margin - 0.5 * plan.memory.terms["loss"])
     tight = plan_schedule(cfg, ClusterSpec(tight_bytes, 8, 1), num_items=3706, mean_row_len=165.0)
     assert tight.fits and tight.memory.with_margin <= tight_bytes
-    assert tight.schedule.grad_accum_steps > 1 and not tight.schedule.checkpointing
+    if cfg.model.name == "gru4rec":
+        assert tight.schedule.grad_accum_steps > 1 and not tight.schedule.checkpointing
+        return
+    assert tight.schedule.checkpointing or tight.schedule.grad_accum_steps > 1
+    # BERT4Rec: between the checkpointed and the plain estimate of the same micro-batch, the planner
+    # checkpoints rather than halving the micro-batch (4/3 of the compute instead of twice the steps).
+    ckpt = estimate_memory(applied, world_size=8, local_world_size=8, num_items=3706, batch=batch,
+                           has_timestamps=True, family=family, checkpointing=True)  # fmt: skip
+    assert ckpt.with_margin < plan.memory.with_margin
+    between = (ckpt.with_margin + plan.memory.with_margin) // 2
+    squeezed = plan_schedule(cfg, ClusterSpec(between, 8, 1), num_items=3706, mean_row_len=165.0)
+    assert squeezed.fits and squeezed.memory.with_margin <= between, squeezed.table()
+    assert squeezed.schedule.checkpointing and squeezed.schedule.grad_accum_steps == 1
+    assert "schedule.activation_checkpointing=true" in squeezed.overrides
+    assert "recompute" in squeezed.memory.terms

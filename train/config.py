@@ -271,7 +271,8 @@ class ScheduleConfig:
     # are written to <output_dir>/plan.json and logged to MLflow.
     mode: Literal["manual", "auto"] = "manual"
     gpu_memory_gib: float | None = None  # memory per GPU for mode=auto (None: ask the CUDA device)
-    # Recompute each HSTU layer / SASRec block in backward instead of keeping its activations.
+    # Recompute each HSTU layer / SASRec or BERT4Rec block in backward instead of keeping its
+    # activations (GRU4Rec and TIGER have no blocks to wrap: the trainer refuses it).
     activation_checkpointing: bool = False
 
     def validate(self) -> None:

@@ -87,9 +87,10 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical dense init on every rank
         dense = self.task.build_dense().to(self.device)
         if cfg.schedule.activation_checkpointing:
-            if cfg.model.name not in ("hstu", "sasrec"):
+            if cfg.model.name not in ("hstu", "sasrec", "bert4rec"):
                 raise ValueError(
-                    f"schedule.activation_checkpointing covers hstu and sasrec, not {cfg.model.name}"
+                    "schedule.activation_checkpointing covers hstu, sasrec and bert4rec, "
+                    f"not {cfg.model.name}"
                 )
             from cluster.schedule import enable_activation_checkpointing
 

@@ -119,15 +119,16 @@ class Bert4RecMemory(RetrievalMemory):
     ``num_items + 2`` rows (the mask row), the bidirectional encoder's activations
     (``bert4rec_activations``) and the loss over the masked positions only.
 
-    The masked count M of a batch is random; planning uses the bound ``masked_bound``. BERT4Rec has
-    no activation checkpointing (``schedule.activation_checkpointing`` covers HSTU and SASRec).
+    The masked count M of a batch is random; planning uses the bound ``masked_bound``. Activation
+    checkpointing applies (``checkpoint_layers`` wraps each block's ``forward``): the planner may
+    pick it, and ``bert4rec_activations`` gives its terms.
     """
-
-    supports_checkpointing = False
 
     def __init__(self, dims, negatives: str, num_negatives: int, mask_prob: float):
         super().__init__(dims, negatives, num_negatives)
         self.mask_prob = mask_prob
+        # RetrievalMemory decides by name for HSTU / SASRec / GRU4Rec; BERT4Rec's blocks are wrapped too.
+        self.supports_checkpointing = True
 
     @classmethod
     def from_config(cls, cfg) -> Bert4RecMemory:

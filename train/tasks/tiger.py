@@ -310,7 +310,7 @@ class TigerMemory(FamilyMemory):
     model's dtype, and the per-token copy E (S + M) x D the encoder and decoder read.
     """
 
-    supports_checkpointing = False  # checkpoint_layers wraps HSTU / SASRec layers only
+    supports_checkpointing = False  # checkpoint_layers wraps HSTU / SASRec / BERT4Rec layers only
 
     def __init__(self, model: TigerConfig, codebook_sizes: list[int] | tuple[int, ...]):
         self.model, self.codebook_sizes = model, [int(v) for v in codebook_sizes]
