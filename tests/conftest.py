@@ -191,3 +191,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_logged_model_reproduces_predictions(run, out: Path, data_dir: Path) -> None:
+    """The logged pyfunc, loaded back, ranks as the trainer's own test predictions did (40 test users'
+    last 20 items as the history: the tiny models' max_seq_len)."""
+    import mlflow
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from train.tracking import global_tracking_uri
+
+    (output,) = run.outputs.model_outputs
+    with global_tracking_uri(f"sqlite:///{out.parent / 'mlflow.db'}"):  # not leaked to later jobs' env
+        model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
+    items = pq.read_table(data_dir / "vocab" / "items.parquet").to_pydict()
+    users = pq.read_table(data_dir / "vocab" / "users.parquet").to_pydict()
+    raw_item = dict(zip(items["dense_id"], items["raw_id"]))
+    raw_user = dict(zip(users["dense_id"], users["raw_id"]))
+    test = pq.read_table(data_dir / "test").to_pylist()
+    expected = {r["user_id"]: r for r in pq.read_table(out / "test_predictions.parquet").to_pylist()}
+    rows, truth = [], []
+    for r in test:
+        history, target = r["item_ids"][-21:-1], r["item_ids"][-1]
+        if target in history:  # the trainer's file never excludes the target; the model cannot know it
+            continue
+        rows.append({"history": [raw_item[i] for i in history], "timestamps": r["timestamps"][-21:-1],
+                     "query_timestamp": r["timestamps"][-1]})  # fmt: skip
+        truth.append(expected[raw_user[r["user_id"]]]["top_item_ids"][:10])
+        if len(rows) == 40:
+            break
+    got = model.predict(pd.DataFrame(rows), params={"k": 10})["top_item_ids"].tolist()
+    assert len(rows) == 40
+    assert [list(g) for g in got] == truth

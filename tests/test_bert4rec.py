@@ -216,6 +216,56 @@ def test_mask_and_padding_rows_are_never_recommended():
         assert int((listed == t).nonzero()[0, 0]) == want  # the list reproduces the rank
 
 
+def test_the_logged_model_recommends_what_the_evaluation_ranks(tmp_path):
+    """train/serving.py, saved and loaded back by MLflow as ``tracking.log_model`` logs it (a pyfunc
+    from code, the same artifacts), recommends for BERT4Rec the evaluation's top list: the query at a
+    mask appended after the history, the history's last max_seq_len items excluded, never the mask
+    or padding row. The control: the query at the last history position ranks differently."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cluster.config import save_config
+    from tests.conftest import ROOT
+    from train.tracking import recommender_signature
+
+    task = make_task()
+    model, weight = model_and_table(task)
+    save_config(task.cfg, tmp_path / "config.yaml")
+    torch.save(model.state_dict(), tmp_path / "encoder.pt")
+    np.save(tmp_path / "item_table.npy", weight.numpy())  # rows 0..31: padding, items, the mask
+    raw = {d: f"sku-{d * 7}" for d in range(1, NUM_ITEMS + 1)}
+    pq.write_table(
+        pa.table({"raw_id": list(raw.values()), "dense_id": list(raw)}), tmp_path / "items.parquet"
+    )
+    artifacts = {name: str(tmp_path / file) for name, file in
+                 [("config", "config.yaml"), ("encoder", "encoder.pt"), ("item_table", "item_table.npy"),
+                  ("items", "items.parquet")]}  # fmt: skip
+    mlflow.pyfunc.save_model(tmp_path / "model", python_model=str(ROOT / "train" / "serving.py"), artifacts=artifacts,
+                             signature=recommender_signature())  # fmt: skip
+    served = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+
+    rows = [r for r in ROWS if len(r) >= 2]
+    out = task.eval_batch(make_batch(rows), eval_state(task, model, weight), top_k=12)
+    expected = [[raw[i] for i in top.tolist() if i > 0] for top in out.top_ids]
+    histories = pd.DataFrame({"history": [[raw[i] for i in r[:-1]] for r in rows]})
+    got = served.predict(histories, params={"k": 12})["top_item_ids"].tolist()
+    assert [list(g) for g in got] == expected
+    # The control: scoring the last history position (the next-item models' query) gives other lists.
+    unit = F.normalize(weight, dim=-1)
+    last_position = []
+    for r in rows:
+        inputs = torch.tensor(r[:-1][-6:])
+        query = model(weight[inputs], torch.tensor([0, len(inputs)]), len(inputs))[-1]
+        scores = query @ unit[: NUM_ITEMS + 1].T
+        scores[0] = -torch.inf
+        scores[inputs] = -torch.inf
+        last_position.append([raw[int(i)] for i in scores.topk(12).indices])
+    assert last_position != expected
+
+
 # ------------------------------------------------------------------------------------- errors
 
 

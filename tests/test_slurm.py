@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from cluster.local_slurm import LocalSlurm, SlurmUnavailable
-from tests.conftest import ROOT, TINY_MODEL
+from tests.conftest import ROOT, TINY_MODEL, assert_logged_model_reproduces_predictions
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -175,37 +174,6 @@ def test_train_sbatch_two_processes(slurm_train, synthetic_data):
         f["path"]: f["sha256"] for f in manifest["splits"]["test"]["files"]
     }
     assert_logged_model_reproduces_predictions(run, out, synthetic_data)
-
-
-def assert_logged_model_reproduces_predictions(run, out: Path, data_dir: Path) -> None:
-    """The logged pyfunc, loaded back, ranks as the trainer's own test predictions did."""
-    import mlflow
-    import pandas as pd
-
-    from train.tracking import global_tracking_uri
-
-    (output,) = run.outputs.model_outputs
-    with global_tracking_uri(f"sqlite:///{out.parent / 'mlflow.db'}"):  # not leaked to later jobs' env
-        model = mlflow.pyfunc.load_model(f"models:/{output.model_id}")
-    items = pq.read_table(data_dir / "vocab" / "items.parquet").to_pydict()
-    users = pq.read_table(data_dir / "vocab" / "users.parquet").to_pydict()
-    raw_item = dict(zip(items["dense_id"], items["raw_id"]))
-    raw_user = dict(zip(users["dense_id"], users["raw_id"]))
-    test = pq.read_table(data_dir / "test").to_pylist()
-    expected = {r["user_id"]: r for r in pq.read_table(out / "test_predictions.parquet").to_pylist()}
-    rows, truth = [], []
-    for r in test:
-        history, target = r["item_ids"][-21:-1], r["item_ids"][-1]
-        if target in history:  # the trainer's file never excludes the target; the model cannot know it
-            continue
-        rows.append({"history": [raw_item[i] for i in history], "timestamps": r["timestamps"][-21:-1],
-                     "query_timestamp": r["timestamps"][-1]})  # fmt: skip
-        truth.append(expected[raw_user[r["user_id"]]]["top_item_ids"][:10])
-        if len(rows) == 40:
-            break
-    got = model.predict(pd.DataFrame(rows), params={"k": 10})["top_item_ids"].tolist()
-    assert len(rows) == 40
-    assert [list(g) for g in got] == truth
 
 
 def test_preempted_job_checkpoints_requeues_and_ends_like_the_uninterrupted_one(slurm, slurm_train, synthetic_data,

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import TINY_MODEL, run_train
+from tests.conftest import TINY_MODEL, assert_logged_model_reproduces_predictions, run_train
 from train.config import load_train_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -56,7 +56,8 @@ SHARDED_EXACT = [
 WIDTH = {
     "hstu": [f"model.embedding_dim={ODD_WIDTH}"],
     "gru4rec": [f"model.embedding_dim={ODD_WIDTH}", "embeddings.optimizer=sgd"],
-    "bert4rec": [f"model.embedding_dim={ODD_WIDTH}"],
+    # input_window: the logged model can exclude only the history it is given (its logged-model test).
+    "bert4rec": [f"model.embedding_dim={ODD_WIDTH}", "eval.exclude=input_window"],
     "tiger": [],
 }
 
@@ -65,6 +66,8 @@ def sharded_run(train_runs, sharding: str, family: str = "hstu"):
     """The 2-process run of ``SHARDED_EXACT`` with the table sharded as ``sharding`` (cached)."""
     # 4-column shards: 13 of them over the 2 ranks, the last one holding 2 real and 2 padding columns.
     extra = ["embeddings.min_partition=4"] if sharding == "column_wise" else []
+    if family == "bert4rec":  # MLflow on (beside the run: <train_runs>/mlflow.db) for its logged model
+        extra += ["tracking.enabled=true", "tracking.system_metrics=false"]
     args = [*SHARDED_EXACT, *WIDTH[family], f"embeddings.sharding_type={sharding}", *extra]
     return train_runs(args, nproc=2, family=family)
 
@@ -74,6 +77,19 @@ def single_run(train_runs, family: str = "hstu"):
     return train_runs(
         [*SHARDED_EXACT, *WIDTH[family], "embeddings.sharding_type=table_wise"], nproc=1, family=family
     )
+
+
+def test_bert4rec_logged_model_ranks_as_its_test_predictions(train_runs, synthetic_data):
+    """BERT4Rec's MLflow logged model (train/serving.py: the mask appended after the history), from the
+    2-process row-wise run, loaded back by its model id, recommends what the trainer wrote to
+    test_predictions.parquet; the table was gathered to rank 0 only."""
+    from mlflow import MlflowClient
+
+    run = sharded_run(train_runs, "row_wise", "bert4rec")
+    client = MlflowClient(f"sqlite:///{run.output_dir.parent / 'mlflow.db'}")
+    mlflow_run = client.get_run((run.output_dir / "mlflow_run_id").read_text().strip())
+    assert mlflow_run.info.status == "FINISHED"
+    assert_logged_model_reproduces_predictions(mlflow_run, run.output_dir, synthetic_data)
 
 
 # table_row_wise is not here: TorchRec's EmbeddingCollection sharder does not offer it (see

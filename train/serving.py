@@ -10,7 +10,9 @@ Input columns: ``history`` (raw item ids, oldest first; ids unknown to the model
 optionally ``timestamps`` (one per history item) and ``query_timestamp`` (the time of the next
 interaction) for models with a time bias. The scoring is the trainer's evaluation: the encoder's
 output at the last position against the L2-normalised item table, the history and padding excluded,
-ties by ascending id. The artifacts are plain files: ``config.yaml`` (the run's resolved config),
+ties by ascending id. BERT4Rec's query is its output at a mask appended after the history's last
+``max_seq_len - 1`` known items, as in its evaluation; the mask row is never recommended.
+The artifacts are plain files: ``config.yaml`` (the run's resolved config),
 ``encoder.pt`` (a state dict, loaded with ``weights_only=True``), ``item_table.npy`` and
 ``items.parquet`` (dense id -> raw id).
 """
@@ -32,10 +34,15 @@ class SequenceRecommender(mlflow.pyfunc.PythonModel):
 
         from train.config import load_train_config
         from train.models import build_encoder
+        from train.models.bert4rec import Bert4Rec
+        from train.models.config import Bert4RecConfig
 
         cfg = load_train_config(context.artifacts["config"])
+        # BERT4Rec is trained to fill masks: it ranks from a mask appended after the history, and its
+        # table's row after the items is that mask token.
+        self.appends_mask = isinstance(cfg.model, Bert4RecConfig)
         self.max_seq_len = cfg.model.max_seq_len
-        self.encoder = build_encoder(cfg.model)
+        self.encoder = Bert4Rec(cfg.model) if self.appends_mask else build_encoder(cfg.model)
         state = torch.load(context.artifacts["encoder"], map_location="cpu", weights_only=True)
         self.encoder.load_state_dict(state)
         self.encoder.eval()
@@ -45,6 +52,7 @@ class SequenceRecommender(mlflow.pyfunc.PythonModel):
         raw = [str(r) for r in vocab.column("raw_id").to_pylist()]
         dense = vocab.column("dense_id").to_pylist()
         self.dense_of = dict(zip(raw, dense))
+        self.num_items = max(dense)  # items are rows 1..num_items; BERT4Rec's mask is row num_items + 1
         self.raw_of = np.empty(self.raw_ID.shape[0], dtype=object)
         self.raw_of[0] = ""
         self.raw_of[np.asarray(dense)] = np.asarray(raw, dtype=object)
@@ -70,14 +78,18 @@ class SequenceRecommender(mlflow.pyfunc.PythonModel):
                     raise ValueError(f"row {i}: no item of the history is known to the model")
                 ids = torch.tensor([self.dense_of[history[j]] for j in keep], dtype=torch.long)
                 offsets = torch.tensor([0, len(ids)])
-                times = (None, None)
-                if "timestamps" in model_input.columns and row.timestamps is not None:
-                    ts = [int(row.timestamps[j]) for j in keep]
-                    query = int(getattr(row, "query_timestamp", ts[-1]))
-                    times = (torch.tensor(ts), torch.tensor(ts[1:] + [query]))
-                query_TD = self.encoder(self.raw_ID[ids], offsets, len(ids), *times)
-                scores_1I = query_TD[-1:] @ self.table_ID.T
-                top = topk_items(scores_1I, ids, offsets, k=min(k, self.raw_ID.shape[0] - 1))
+                if self.appends_mask:  # encode the last max_seq_len - 1 items, then the mask
+                    inputs = torch.cat([ids[1 - self.max_seq_len :], torch.tensor([self.num_items + 1])])
+                    query_TD = self.encoder(self.raw_ID[inputs], torch.tensor([0, len(inputs)]), len(inputs))
+                else:
+                    times = (None, None)
+                    if "timestamps" in model_input.columns and row.timestamps is not None:
+                        ts = [int(row.timestamps[j]) for j in keep]
+                        query = int(getattr(row, "query_timestamp", ts[-1]))
+                        times = (torch.tensor(ts), torch.tensor(ts[1:] + [query]))
+                    query_TD = self.encoder(self.raw_ID[ids], offsets, len(ids), *times)
+                scores_1I = query_TD[-1:] @ self.table_ID[: self.num_items + 1].T  # padding and items
+                top = topk_items(scores_1I, ids, offsets, k=min(k, self.num_items))
                 out.append([self.raw_of[t] for t in top[0].tolist() if t > 0])
         return pd.DataFrame({"top_item_ids": out})
 

@@ -169,8 +169,8 @@ class Bert4RecMemory(RetrievalMemory):
 class Bert4RecTask(RetrievalTask):
     """The item table with a mask row + a bidirectional encoder, trained to recover masked items."""
 
-    # train/serving.py scores the last position of a history; BERT4Rec needs a mask appended first.
-    servable = False
+    # train/serving.py appends the mask after a history and scores items 1..I, as eval_batch does.
+    servable = True
 
     def __init__(self, cfg, info, manifest):
         super().__init__(cfg, info, manifest)
@@ -181,6 +181,10 @@ class Bert4RecTask(RetrievalTask):
     @classmethod
     def memory_model(cls, cfg) -> FamilyMemory:
         return Bert4RecMemory.from_config(cfg)
+
+    def full_item_table(self, device: torch.device, dst: int | None = None) -> Tensor | None:
+        """Rows 0..I + 1 of the table (padding, the items, the mask token; a collective): for serving."""
+        return gather_full_table(self.table, device, dst=dst)
 
     def build_tables(self) -> dict[str, ShardedItemTable]:
         # Row 0 padding, 1..I items, I + 1 the mask token. Negatives and scores use rows 1..I only.
