@@ -357,14 +357,20 @@ def plot_curves(curves: list[dict], key: str, path: Path, dataset: Dataset = DAT
             [m for _, m, _ in c["points"]], [v for _, _, v in c["points"]], marker="o", ms=3, label=c["label"]
         )
         by_epoch.plot([e for e, _, _ in c["points"]], [v for _, _, v in c["points"]], marker="o", ms=3)
-    for name in dict.fromkeys(c["model"] for c in curves):
-        value = dataset.published.get(name, {}).get(key)
-        if value is None:
-            continue
+    # One dashed line per published value; values closer than 0.005 share a line and one label.
+    published = sorted((dataset.published[name][key], name) for name in dict.fromkeys(c["model"] for c in curves)
+                       if key in dataset.published.get(name, {}))  # fmt: skip
+    groups: list[list[tuple[float, str]]] = []
+    for value, name in published:
+        if groups and value - groups[-1][0][0] < 0.005:
+            groups[-1].append((value, name))
+        else:
+            groups.append([(value, name)])
+    for group in groups:
+        label = "published " + ", ".join(f"{name} {value}" for value, name in group) + " (test)"
         for ax in (by_time, by_epoch):
-            ax.axhline(value, ls="--", lw=1, color="gray")
-            ax.text(0.01, value, f"published {name} {value} (test)", fontsize=8, va="bottom",
-                    transform=ax.get_yaxis_transform())  # fmt: skip
+            ax.axhline(group[-1][0], ls="--", lw=1, color="gray")
+            ax.text(0.01, group[-1][0], label, fontsize=8, va="bottom", transform=ax.get_yaxis_transform())
     splits = " and ".join(sorted({c["split"] for c in curves}))
     by_time.set_xlabel("wall time (minutes)")
     by_epoch.set_xlabel("epoch")
